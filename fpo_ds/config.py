@@ -1,0 +1,354 @@
+"""Recipe configuration: one YAML file -> one frozen, validated dataclass tree.
+
+Every key is a typed field. Unknown keys, wrong types, bad choices and missing required
+keys are collected and reported together with their dotted paths, so a user fixes a recipe
+in one pass. Building a config touches no network, GPU or model file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+METHODS = ("sft", "dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo")
+# Paper defaults (FPO_SPEC.md): beta 0.1 everywhere except SimPO's 2.0.
+DEFAULT_BETA = {"sft": 0.0, "dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1, "fpo": 0.1}
+MISSING_REQUIRED = object()
+
+
+class ConfigError(ValueError):
+    """A recipe problem (or several), each naming its dotted key and the fix."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy (and, at step 0, the reference) model."""
+
+    name_or_path: str = dataclasses.field(default=MISSING_REQUIRED)  # type: ignore[assignment]
+    """Hugging Face hub id or a local directory written by `save_pretrained`."""
+    revision: str | None = None
+    """Hub revision (commit, tag or branch); part of the cache fingerprint."""
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    gradient_checkpointing: bool = False
+    zero_init: bool = True
+    """Under ZeRO-3, construct the model partitioned (never whole on one rank)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preference pairs and how they become token ids."""
+
+    path: str = dataclasses.field(default=MISSING_REQUIRED)  # type: ignore[assignment]
+    """Hub dataset name, a local .jsonl/.json/.parquet/.arrow file, or a `save_to_disk` dir."""
+    split: str = "train"
+    eval_split: str | None = None
+    max_length: int = 1024
+    """Tokens of prompt + response (the longer of chosen/rejected)."""
+    max_prompt_length: int = 512
+    """Prompt tokens kept (from the right) when prompt + response exceed max_length."""
+    max_samples: int | None = None
+    on_bad_row: Literal["drop", "fail"] = "drop"
+    seed: int = 0
+    """Seed of the per-epoch shuffle of pair order."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The sparse autoencoder whose features FPO constrains (method fpo only)."""
+
+    release: str | None = None
+    """sae-lens release id (e.g. gemma-scope-2b-pt-res); or leave null and set path."""
+    sae_id: str | None = None
+    path: str | None = None
+    """Local directory written by sae-lens `save_model` (used instead of release/sae_id)."""
+    k: int = 50
+    """Top-k features of policy and of reference whose union the MSE runs over."""
+    feature_weights: str | None = None
+    """Optional .pt/.safetensors vector (d_sae,) of per-feature constraint weights."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Offline reference cache (reference log-probs and pooled SAE features)."""
+
+    dir: str | None = None
+    k_cache: int | None = None
+    """Sparse entries kept per pooled feature vector; null means 4 * sae.k."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which preference objective, and its coefficients."""
+
+    method: Literal["sft", "dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo"] = "fpo"
+    beta: float | None = None
+    """null means the paper's value: 2.0 for simpo, 0.1 otherwise."""
+    alpha: float = 0.5
+    """Weight of the TDPO-2 / FPO constraint term."""
+    gamma_beta_ratio: float = 0.5
+    """SimPO margin gamma = beta * gamma_beta_ratio."""
+    reference: Literal["live", "offline"] = "live"
+    """DPO/IPO: a live reference engine or log-probs from the offline cache."""
+
+    @property
+    def resolved_beta(self) -> float:
+        return DEFAULT_BETA[self.method] if self.beta is None else self.beta
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. Gradient accumulation is derived, never set."""
+
+    global_batch_size: int = 32
+    """Pairs per optimizer step across all ranks."""
+    micro_batch_size: int = 1
+    """Pairs per rank per forward (chosen + rejected = 2x sequences)."""
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 150
+    schedule: Literal["constant", "cosine"] = "constant"
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """Systems settings live in the JSON; the code fills the batch keys."""
+
+    config: str = "ds_configs/zero3_bf16.json"
+    timeout_minutes: int = 30
+    """Collective timeout: a rank that dies fails the job instead of hanging."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 1
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "fpo-ds"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/default"
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto: newest complete checkpoint in dir if any; never; or a checkpoint path."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check/convert one leaf value against its annotation; append a problem if wrong."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, problems)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{path}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{path}: expected a list of {len(args)} numbers, got {value!r}")
+            return value
+        return tuple(_coerce(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        # PyYAML reads 2e-5 (no dot) as a string: accept numeric strings for floats.
+        if isinstance(value, bool):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, collecting every problem found."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'recipe'}: expected a mapping, got {type(raw).__name__}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            dotted = f"{path}.{key}" if path else str(key)
+            hint = f" (did you mean {(path + '.' if path else '') + close[0]}?)" if close else ""
+            problems.append(f"{dotted}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{path}.{name}" if path else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw.get(name), dotted, problems)
+        elif name in raw:
+            kwargs[name] = _coerce(raw[name], tp, dotted, problems)
+        elif f.default is MISSING_REQUIRED:
+            problems.append(f"{dotted}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # missing required keys were already reported
+
+
+def _check(r: Recipe, problems: list[str]) -> None:
+    """Cross-field rules that single fields cannot express."""
+    d, t, s, lo = r.data, r.train, r.sae, r.loss
+    if d.max_prompt_length >= d.max_length:
+        problems.append(
+            f"data.max_prompt_length: {d.max_prompt_length} must be < data.max_length ({d.max_length}) "
+            "so every kept pair has response tokens"
+        )
+    for name in ("global_batch_size", "micro_batch_size", "epochs"):
+        if getattr(t, name) < 1:
+            problems.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if t.lr <= 0:
+        problems.append(f"train.lr: must be > 0, got {t.lr}")
+    if lo.beta is not None and lo.beta <= 0:
+        problems.append(f"loss.beta: must be > 0, got {lo.beta}")
+    if lo.method == "fpo":
+        if not (s.path or (s.release and s.sae_id)):
+            problems.append("sae: method fpo needs an SAE: set sae.path, or sae.release and sae.sae_id")
+        if not r.cache.dir:
+            problems.append("cache.dir: method fpo needs the offline reference cache (build it with `fpo-ds build-cache`)")
+    if lo.reference == "offline" and lo.method in ("dpo", "ipo") and not r.cache.dir:
+        problems.append("cache.dir: loss.reference=offline needs the offline reference cache")
+    if lo.reference == "offline" and lo.method in ("tdpo1", "tdpo2"):
+        problems.append("loss.reference: TDPO needs full-vocabulary reference distributions; use live")
+    if s.k < 1:
+        problems.append(f"sae.k: must be >= 1, got {s.k}")
+    if r.cache.k_cache is not None and r.cache.k_cache < s.k:
+        problems.append(f"cache.k_cache: {r.cache.k_cache} must be >= sae.k ({s.k})")
+    if r.output.resume not in ("auto", "never") and not r.output.resume:
+        problems.append("output.resume: use auto, never or a checkpoint path")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=c` strings -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r}: expected key=value, e.g. train.lr=1e-6"], "command line")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if recipe is not None:
+        cross: list[str] = []
+        try:
+            _check(recipe, cross)
+        except (TypeError, AttributeError):
+            pass  # a field has the wrong type (already reported); cross-field rules can't run
+        bad_keys = {p.split(":", 1)[0] for p in problems}
+        problems += [c for c in cross if not any(k in c for k in bad_keys)]
+    if problems:
+        raise ConfigError(problems, source)
+    return recipe
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides, validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path} (pass a recipe from recipes/)"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return from_dict(raw, str(path))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    def conv(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: {kk: conv(vv) for kk, vv in v.items()} for k, v in dataclasses.asdict(recipe).items()}
+
+
+def dump(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe (every default made explicit) next to an output."""
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

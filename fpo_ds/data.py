@@ -1,0 +1,225 @@
+"""Preference data: load rows, apply the chat template, truncate, batch.
+
+A row is either (prompt, chosen, rejected) strings or the UltraFeedback-binarized shape
+(chosen/rejected are message lists ending with the assistant turn). Each kept pair carries
+its `example_id` (row index in the source split) so caches and resumes can name it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fpo_ds.losses import IGNORE_INDEX
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+class BadRow(ValueError):
+    """A row that cannot become a preference pair; `reason` is the counted kind."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    example_id: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+class Batch(NamedTuple):
+    """Chosen rows first, then rejected: one concatenated forward for both."""
+
+    input_ids: torch.Tensor  # (2b, T)
+    attention_mask: torch.Tensor  # (2b, T)
+    labels: torch.Tensor  # (2b, T) token ids on response positions, IGNORE_INDEX elsewhere
+    example_ids: torch.Tensor  # (b,)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_rows(path: str, split: str):
+    """A `datasets.Dataset` from a local file/dir or a hub dataset name."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    if p.suffix in LOCAL_BUILDERS:
+        if not p.is_file():
+            raise FileNotFoundError(f"data.path: {p} does not exist")
+        return datasets.load_dataset(LOCAL_BUILDERS[p.suffix], data_files=str(p), split="train")
+    if p.suffix or "/" not in path:
+        raise ValueError(
+            f"data.path: {path!r} is neither a local .jsonl/.json/.parquet/.arrow file, a saved dataset "
+            "directory, nor a hub dataset name like HuggingFaceH4/ultrafeedback_binarized"
+        )
+    return datasets.load_dataset(path, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized, train_prefs
+
+
+# ----------------------------------------------------------------------------- rows -> messages
+
+
+def _messages(value, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRow("malformed_messages", f"{key} is not a non-empty message list")
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise BadRow("malformed_messages", f"{key} has a message without string role/content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def normalise(row: dict) -> tuple[list[dict], str, str]:
+    """Row -> (prompt messages, chosen text, rejected text), or raise BadRow."""
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise BadRow("missing_field", key)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        cm, rm = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        if cm[-1]["role"] != "assistant" or rm[-1]["role"] != "assistant":
+            raise BadRow("malformed_messages", "last message must be the assistant's response")
+        if cm[:-1] != rm[:-1]:
+            raise BadRow("prompt_mismatch", "chosen and rejected conversations differ before the response")
+        prompt = cm[:-1]
+        if not prompt and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            prompt = [{"role": "user", "content": row["prompt"]}]
+        chosen, rejected = cm[-1]["content"], rm[-1]["content"]
+    else:
+        raw_prompt = row.get("prompt")
+        if raw_prompt is None:
+            raise BadRow("missing_field", "prompt")
+        prompt = _messages(raw_prompt, "prompt") if isinstance(raw_prompt, list) else raw_prompt
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+    if not prompt or not isinstance(prompt, list) or not any(m["content"].strip() for m in prompt):
+        raise BadRow("empty_prompt")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(text, str):
+            raise BadRow("non_string_response", f"{key} is {type(text).__name__}")
+        if not text.strip():
+            raise BadRow("empty_response", key)
+    if chosen == rejected:
+        raise BadRow("identical_responses")
+    return prompt, chosen, rejected
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def _response_text(tokenizer, prompt: list[dict], prompt_text: str, response: str) -> str:
+    full = tokenizer.apply_chat_template(
+        prompt + [{"role": "assistant", "content": response}], tokenize=False
+    )
+    if not full.startswith(prompt_text):
+        raise ValueError(
+            "the tokenizer's chat template does not render the prompt (with add_generation_prompt) as a "
+            "prefix of prompt + response; fpo-ds needs that to locate response tokens"
+        )
+    return full[len(prompt_text):]
+
+
+def truncate(p: list[int], c: list[int], r: list[int], max_length: int, max_prompt_length: int):
+    """Prompt loses tokens from the left (to max_prompt_length) first, then responses from the right."""
+    longest = max(len(c), len(r))
+    if len(p) + longest > max_length:
+        p = p[-max_prompt_length:]
+    room = max_length - len(p)
+    return p, c[:room], r[:room]
+
+
+def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tuple[list, list, list]:
+    prompt, chosen, rejected = normalise(row)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    p = ids(prompt_text)
+    c = ids(_response_text(tokenizer, prompt, prompt_text, chosen))
+    r = ids(_response_text(tokenizer, prompt, prompt_text, rejected))
+    p, c, r = truncate(p, c, r, max_length, max_prompt_length)
+    if not c or not r:
+        raise BadRow("empty_after_truncation")
+    return p, c, r
+
+
+def build_pairs(rows, tokenizer, max_length: int, max_prompt_length: int, on_bad_row: str, source: str, log=None):
+    """Tokenise every row; drop (and count, with row ids) or fail on bad rows."""
+    pairs, bad = [], {}
+    for i, row in enumerate(rows):
+        try:
+            p, c, r = encode(tokenizer, row, max_length, max_prompt_length)
+        except BadRow as e:
+            if on_bad_row == "fail":
+                raise ValueError(
+                    f"{source}: row {i}: {e}. Fix the row, or set data.on_bad_row=drop to skip such rows"
+                ) from None
+            bad.setdefault(e.reason, []).append(i)
+            continue
+        pairs.append(Pair(i, p, c, r))
+    if bad and log:
+        counts = Counter({k: len(v) for k, v in bad.items()})
+        for reason, n in counts.most_common():
+            log(f"{source}: dropped {n} row(s) [{reason}], row ids {bad[reason][:10]}{' ...' if n > 10 else ''}")
+    if not pairs:
+        raise ValueError(f"{source}: no usable preference pairs (dropped: { {k: len(v) for k, v in bad.items()} })")
+    return pairs, bad
+
+
+def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> list[Pair]:
+    """Recipe data section -> tokenised pairs (row order of the source split)."""
+    split = split or data_cfg.split
+    rows = load_rows(data_cfg.path, split)
+    if data_cfg.max_samples is not None:
+        rows = rows.select(range(min(data_cfg.max_samples, len(rows))))
+    pairs, _ = build_pairs(
+        rows, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.on_bad_row,
+        f"{data_cfg.path} [{split}]", log,
+    )
+    return pairs
+
+
+# ----------------------------------------------------------------------------- order and batches
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic permutation of range(n) for one epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[int]:
+    """Positions (into the pair list) this rank trains on at optimizer step `step`.
+
+    Global batch s of an epoch is order[s*G:(s+1)*G]; rank r takes the r-th contiguous
+    block of G/world, consumed in micro-batches. The union over ranks is independent of
+    world size and micro batch, which makes those settings interchangeable.
+    """
+    steps_per_epoch = n // global_batch
+    epoch, s = divmod(step, steps_per_epoch)
+    order = epoch_order(n, seed, epoch)
+    per_rank = global_batch // world
+    start = s * global_batch + rank * per_rank
+    return order[start : start + per_rank]
+
+
+def collate(pairs: list[Pair], pad_id: int) -> Batch:
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    plens = [len(p.prompt_ids) for p in pairs] * 2
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (s, pl) in enumerate(zip(seqs, plens)):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+        labels[i, pl : len(s)] = torch.tensor(s[pl:])
+    return Batch(ids, att, labels, torch.tensor([p.example_id for p in pairs]))

@@ -1,0 +1,113 @@
+"""The embedded tiny world: a toy preference task, a locally trained tokenizer, tiny models.
+
+Nothing here downloads anything. `write_world` produces a directory that the ordinary
+recipe machinery loads like any real model and dataset:
+
+    world/model/   config.json, model.safetensors, tokenizer files (with a chat template)
+    world/data/    train.jsonl, eval.jsonl  (prompt, chosen, rejected strings)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+# Gemma-style turns: the same template shape as the paper's model family.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def arithmetic_pair(rng: random.Random) -> dict:
+    """One pair: chosen states the right sum, rejected a near miss. The judge is `judge`."""
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+    return {
+        "prompt": f"What is {a} + {b}?",
+        "chosen": f"The answer is {a + b}.",
+        "rejected": f"The answer is {wrong}.",
+    }
+
+
+def judge(prompt: str, response: str) -> bool:
+    """True when the response states the correct sum of the prompt's two numbers."""
+    nums = [int(t) for t in prompt.replace("?", " ").split() if t.isdigit()]
+    digits = "".join(ch if ch.isdigit() else " " for ch in response).split()
+    return len(nums) == 2 and bool(digits) and int(digits[0]) == sum(nums)
+
+
+def toy_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [arithmetic_pair(rng) for _ in range(n)]
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 384):
+    """Byte-level BPE trained on `texts`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, tokenizer=None):
+    """A few-layer model of the given family (gemma2 or llama), small enough for CPU tests."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    if tokenizer is not None:
+        common.update(
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
+    if arch == "gemma2":
+        return Gemma2Config(**common, sliding_window=128, query_pre_attn_scalar=16)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny arch {arch!r}: use gemma2 or llama")
+
+
+def write_world(out: str | Path, arch: str = "gemma2", n_train: int = 512, n_eval: int = 64, seed: int = 0) -> Path:
+    """Write tokenizer + random-init tiny model + toy data under `out`; returns `out`.
+
+    Runs in one process without DeepSpeed: random init happens here, so training always
+    loads weights from disk (transformers' init under ZeRO-3 partitioning is never needed).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    train, evals = toy_pairs(n_train, seed), toy_pairs(n_eval, seed + 1)
+    texts = [p[k] for p in train for k in ("prompt", "chosen", "rejected")] + ["user", "model"]
+    tok = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), tok))
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("eval", evals)):
+        with open(out / "data" / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return out

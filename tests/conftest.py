@@ -1,0 +1,25 @@
+"""Shared fixtures: everything is built locally, nothing is downloaded."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from fpo_ds import toy
+
+    texts = [p[k] for p in toy.toy_pairs(200, 0) for k in ("prompt", "chosen", "rejected")] + ["user", "model"]
+    return toy.build_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny gemma2 world on disk (model dir + jsonl data)."""
+    from fpo_ds import toy
+
+    return toy.write_world(tmp_path_factory.mktemp("world"), "gemma2", n_train=64, n_eval=16)

@@ -1,0 +1,131 @@
+"""Preference data: row shapes, bad rows, chat-template masks, truncation, order."""
+
+import json
+
+import pytest
+
+from fpo_ds import data as D
+from fpo_ds.losses import IGNORE_INDEX
+
+ROW = {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "The answer is 6."}
+UF_ROW = {
+    "prompt": "What is 2 + 3?",
+    "chosen": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "The answer is 5."}],
+    "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "The answer is 6."}],
+    "score_chosen": 8.0,
+}
+
+
+def test_string_and_ultrafeedback_shapes_give_same_tokens(tokenizer):
+    assert D.encode(tokenizer, ROW, 256, 128) == D.encode(tokenizer, UF_ROW, 256, 128)
+
+
+def test_masks_token_by_token_on_chat_template(tokenizer):
+    p, c, r = D.encode(tokenizer, ROW, 256, 128)
+    assert tokenizer.decode(p) == "<bos><start_of_turn>user\nWhat is 2 + 3?<end_of_turn>\n<start_of_turn>model\n"
+    assert tokenizer.decode(c) == "The answer is 5.<end_of_turn>\n"
+    assert tokenizer.decode(r) == "The answer is 6.<end_of_turn>\n"
+    long_row = dict(ROW, rejected="The answer is 6, or maybe 7.")
+    pairs, _ = D.build_pairs([ROW, long_row], tokenizer, 256, 128, "drop", "t")
+    b = D.collate(pairs, tokenizer.pad_token_id)
+    assert b.input_ids.shape[0] == 4 and b.example_ids.tolist() == [0, 1]
+    for row_i, (pair, resp) in enumerate([(pairs[0], pairs[0].chosen_ids), (pairs[1], pairs[1].chosen_ids),
+                                          (pairs[0], pairs[0].rejected_ids), (pairs[1], pairs[1].rejected_ids)]):
+        n_p, seq = len(pair.prompt_ids), pair.prompt_ids + resp
+        labels, ids, att = b.labels[row_i].tolist(), b.input_ids[row_i].tolist(), b.attention_mask[row_i].tolist()
+        for t in range(len(labels)):
+            if t < n_p:  # prompt
+                assert labels[t] == IGNORE_INDEX and ids[t] == seq[t] and att[t] == 1
+            elif t < len(seq):  # response: label is the token itself
+                assert labels[t] == seq[t] == ids[t] and att[t] == 1
+            else:  # padding
+                assert labels[t] == IGNORE_INDEX and ids[t] == tokenizer.pad_token_id and att[t] == 0
+
+
+BAD = [
+    ({"prompt": "q", "chosen": "a"}, "missing_field"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "non_string_response"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "empty_response"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical_responses"),
+    ({"chosen": "a", "rejected": "b"}, "missing_field"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}, "prompt_mismatch"),
+    ({"chosen": [{"role": "user"}], "rejected": [{"role": "assistant", "content": "b"}]}, "malformed_messages"),
+]
+
+
+@pytest.mark.parametrize("row,reason", BAD)
+def test_each_bad_row_kind_is_dropped_and_counted(tokenizer, row, reason):
+    pairs, bad = D.build_pairs([ROW, row, ROW], tokenizer, 256, 128, "drop", "t")
+    assert [p.example_id for p in pairs] == [0, 2]
+    assert bad == {reason: [1]}
+
+
+def test_bad_row_fail_mode_names_row_and_fix(tokenizer):
+    with pytest.raises(ValueError, match=r"mydata: row 1: identical_responses.*on_bad_row=drop"):
+        D.build_pairs([ROW, BAD[3][0]], tokenizer, 256, 128, "fail", "mydata")
+
+
+def test_drop_log_prints_counts_and_ids(tokenizer):
+    lines = []
+    D.build_pairs([ROW, BAD[3][0], BAD[3][0]], tokenizer, 256, 128, "drop", "t", log=lines.append)
+    assert lines == ["t: dropped 2 row(s) [identical_responses], row ids [1, 2]"]
+
+
+def test_truncation_prompt_left_first_then_response_right():
+    p, c, r = list(range(10)), [100, 101, 102], [200, 201]
+    assert D.truncate(p, c, r, 13, 5) == (p, c, r)  # fits: untouched
+    assert D.truncate(p, c, r, 12, 5) == (p[-5:], c, r)  # prompt cut from the left only
+    assert D.truncate(p, c, r, 7, 5) == (p[-5:], c[:2], r[:2])  # then responses from the right
+    assert D.truncate(p, c, r, 7, 7) == (p[-7:], [], [])  # no room left: encode drops the pair
+
+
+def test_truncation_through_encode(tokenizer):
+    long = dict(ROW, prompt="What is " + " + ".join(["1"] * 30) + "?")
+    p, c, r = D.encode(tokenizer, long, 40, 20)
+    full_p, full_c, _ = D.encode(tokenizer, long, 1000, 999)
+    assert p == full_p[-20:] and c == full_c[: 40 - 20] and len(p) + max(len(c), len(r)) <= 40
+    with pytest.raises(D.BadRow, match="empty_after_truncation"):
+        D.encode(tokenizer, long, 20, 20)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "arrow", "dir"])
+def test_local_formats_load(tmp_path, fmt):
+    import datasets
+
+    rows = [ROW, UF_ROW] if fmt == "jsonl" else [ROW, dict(ROW, chosen="The answer is five.")]
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        ds = datasets.Dataset.from_list(rows)
+        path = tmp_path / ("d." + fmt if fmt != "dir" else "d")
+        if fmt == "parquet":
+            ds.to_parquet(str(path))
+        elif fmt == "dir":
+            ds.save_to_disk(str(path))
+        else:
+            path = tmp_path / "d.arrow"
+            import pyarrow as pa
+
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, ds.data.table.schema) as w:
+                w.write_table(ds.data.table)
+    assert len(D.load_rows(str(path), "train")) == 2
+
+
+def test_bad_data_path_message():
+    with pytest.raises(ValueError, match="data.path"):
+        D.load_rows("nonexistent.csv", "train")
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        D.load_rows("missing.jsonl", "train")
+
+
+def test_order_is_seeded_and_world_size_invariant():
+    n, g = 40, 8
+    assert D.epoch_order(n, 1, 0) == D.epoch_order(n, 1, 0) != D.epoch_order(n, 2, 0)
+    for step in range(7):  # crosses an epoch boundary (5 steps per epoch)
+        one = D.step_indices(n, 3, step, g, 0, 1)
+        two = D.step_indices(n, 3, step, g, 0, 2) + D.step_indices(n, 3, step, g, 1, 2)
+        assert one == two and len(set(one)) == g
+    assert set(sum((D.step_indices(n, 3, s, g, 0, 1) for s in range(5)), [])) == set(range(n))

@@ -1,0 +1,167 @@
+"""Losses against independent, hand-written formulas on random float64 tensors."""
+
+import math
+
+import pytest
+import torch
+
+from fpo_ds import losses as L
+
+torch.manual_seed(0)
+B = 6
+LN2 = math.log(2.0)
+
+
+def _sig_loss(u):
+    return [math.log(1.0 + math.exp(-x)) for x in u]
+
+
+def _rand(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def test_token_logps_matches_log_softmax():
+    logits = _rand(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, :2] = L.IGNORE_INDEX
+    got = L.token_logps(logits, labels)
+    for i in range(2):
+        for t in range(5):
+            if labels[i, t] == L.IGNORE_INDEX:
+                assert got[i, t] == 0
+            else:
+                row = logits[i, t]
+                ref = row[labels[i, t]].item() - math.log(sum(math.exp(v) for v in row.tolist()))
+                assert got[i, t].item() == pytest.approx(ref, abs=1e-6)
+
+
+def test_sequence_kl_by_hand_and_zero_at_equality():
+    ref, pol = _rand(2, 3, 4), _rand(2, 3, 4)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    got = L.sequence_kl(ref, pol, mask)
+    for i in range(2):
+        total = 0.0
+        for t in range(3):
+            if mask[i, t]:
+                p = torch.softmax(ref[i, t], -1).tolist()
+                q = torch.softmax(pol[i, t], -1).tolist()
+                total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        assert got[i].item() == pytest.approx(total, abs=1e-9)
+    assert torch.allclose(L.sequence_kl(ref, ref, mask), torch.zeros(2, dtype=torch.float64))
+
+
+def test_dpo_formula_and_ln2_at_reference():
+    sc, sr, rc, rr = (_rand(B) for _ in range(4))
+    out = L.dpo(sc, sr, rc, rr, 0.1)
+    u = [0.1 * ((a - b) - (c - d)) for a, b, c, d in zip(sc.tolist(), rc.tolist(), sr.tolist(), rr.tolist())]
+    assert out.losses.tolist() == pytest.approx(_sig_loss(u), abs=1e-12)
+    assert (out.chosen_rewards - out.rejected_rewards).tolist() == pytest.approx(u, abs=1e-12)
+    same = L.dpo(sc, sr, sc, sr, 0.1).losses
+    assert same.tolist() == pytest.approx([LN2] * B, abs=1e-12)
+
+
+def test_ipo_formula_and_value_at_reference():
+    sc, sr, rc, rr = (_rand(B) for _ in range(4))
+    nc, nr = torch.randint(1, 9, (B,)).double(), torch.randint(1, 9, (B,)).double()
+    beta = 0.2
+    out = L.ipo(sc, sr, rc, rr, nc, nr, beta)
+    for i in range(B):
+        h = (sc[i] - rc[i]) / nc[i] - (sr[i] - rr[i]) / nr[i]
+        assert out.losses[i].item() == pytest.approx((h.item() - 1 / (2 * beta)) ** 2, abs=1e-12)
+    same = L.ipo(sc, sr, sc, sr, nc, nr, beta).losses
+    assert same.tolist() == pytest.approx([(1 / (2 * beta)) ** 2] * B, abs=1e-12)
+
+
+def test_simpo_formula():
+    mc, mr = _rand(B), _rand(B)
+    out = L.simpo(mc, mr, 2.0, 0.5)
+    u = [2.0 * (a - b) - 1.0 for a, b in zip(mc.tolist(), mr.tolist())]
+    assert out.losses.tolist() == pytest.approx(_sig_loss(u), abs=1e-12)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_tdpo_formula_ln2_and_stop_gradient(version):
+    sc, sr, rc, rr = (_rand(B) for _ in range(4))
+    kc, kr = _rand(B).abs().requires_grad_(), _rand(B).abs().requires_grad_()
+    beta, alpha = 0.1, 0.5
+    out = L.tdpo(sc, sr, rc, rr, kc, kr, beta, alpha, version)
+    u = []
+    for i in range(B):
+        dpo_u = beta * ((sc[i] - rc[i]) - (sr[i] - rr[i])).item()
+        if version == 1:
+            u.append(dpo_u - beta * (kr[i] - kc[i]).item())
+        else:
+            u.append(dpo_u - alpha * (beta * kr[i].item() - beta * kc[i].item()))
+    assert out.losses.tolist() == pytest.approx(_sig_loss(u), abs=1e-12)
+    out.losses.sum().backward()
+    assert kr.grad.abs().sum() > 0
+    if version == 2:
+        assert kc.grad is None or torch.all(kc.grad == 0)  # sg on the chosen term
+    else:
+        assert kc.grad.abs().sum() > 0
+    zero = torch.zeros(B, dtype=torch.float64)
+    assert L.tdpo(sc, sr, sc, sr, zero, zero, beta, alpha, version).losses.tolist() == pytest.approx([LN2] * B)
+
+
+def test_fpo_formula_ln2_and_stop_gradient():
+    mc, mr, rmc, rmr = (_rand(B) for _ in range(4))
+    dc, dr = _rand(B).abs().requires_grad_(), _rand(B).abs().requires_grad_()
+    mc.requires_grad_()
+    beta, alpha = 0.1, 0.5
+    out = L.fpo(mc, mr, rmc, rmr, dc, dr, beta, alpha)
+    u = [
+        beta * (mc[i] - mr[i]).item() - beta * (rmc[i] - rmr[i]).item() - alpha * (beta * dr[i].item() - beta * dc[i].item())
+        for i in range(B)
+    ]
+    assert out.losses.tolist() == pytest.approx(_sig_loss(u), abs=1e-12)
+    out.losses.sum().backward()
+    assert dc.grad is None or torch.all(dc.grad == 0)
+    assert torch.all(dr.grad != 0) and torch.all(mc.grad != 0)
+    zero = torch.zeros(B, dtype=torch.float64)
+    at_ref = L.fpo(rmc, rmr, rmc, rmr, zero, zero, beta, alpha).losses
+    assert at_ref.tolist() == pytest.approx([LN2] * B, abs=1e-12)
+
+
+def test_masked_mean_divides_by_response_length():
+    x = _rand(2, 4, 3)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
+    got = L.masked_mean(x, mask)
+    assert torch.allclose(got[0], (x[0, 1] + x[0, 2]) / 2)
+    assert torch.allclose(got[1], x[1].mean(0))
+
+
+def _feature_mse_by_hand(pol, idx, val, k, w):
+    out = []
+    for i in range(pol.shape[0]):
+        p = pol[i].tolist()
+        ref = {int(j): float(v) for j, v in zip(idx[i], val[i]) if j >= 0}
+        pol_top = sorted(range(len(p)), key=lambda j: -p[j])[:k]
+        ref_top = sorted(ref, key=lambda j: -ref[j])[:k]
+        union = set(pol_top) | set(ref_top)
+        out.append(sum(w[j] * (p[j] - ref.get(j, 0.0)) ** 2 for j in union) / k)
+    return out
+
+
+def test_feature_mse_union_missing_reference_and_weights():
+    d_sae, k, kc = 20, 3, 6
+    pol = _rand(4, d_sae).abs()
+    idx = torch.stack([torch.randperm(d_sae)[:kc] for _ in range(4)])
+    val = _rand(4, kc).abs()
+    idx[1, 4:] = -1  # a short cache row, padded
+    w = torch.rand(d_sae, dtype=torch.float64) + 0.5
+    got = L.feature_mse(pol, idx, val, k, w)
+    assert got.tolist() == pytest.approx(_feature_mse_by_hand(pol, idx, val, k, w.tolist()), abs=1e-12)
+    ones = L.feature_mse(pol, idx, val, k)
+    assert ones.tolist() == pytest.approx(_feature_mse_by_hand(pol, idx, val, k, [1.0] * d_sae), abs=1e-12)
+
+
+def test_feature_mse_policy_index_missing_from_cache_counts_zero():
+    pol = torch.tensor([[0.0, 5.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[3, -1]])
+    val = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    # k=1: topk(pol) = {1} (absent from the cache -> ref 0), topk(ref) = {3}.
+    got = L.feature_mse(pol, idx, val, k=1)
+    assert got.item() == pytest.approx((5.0 - 0.0) ** 2 + (1.0 - 2.0) ** 2)
+    got.sum().backward()
+    assert pol.grad.tolist()[0] == pytest.approx([0.0, 10.0, 0.0, -2.0])
+    assert L.feature_mse(torch.tensor([[0.0, 0.0, 0.0, 2.0]], dtype=torch.float64), idx, val, 1).item() == 0.0
