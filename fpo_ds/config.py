@@ -40,7 +40,8 @@ class ModelConfig:
     """Hugging Face hub id or a local directory written by `save_pretrained`."""
     revision: str | None = None
     """Hub revision (commit, tag or branch); part of the cache fingerprint."""
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """null: the model's own default (transformers picks per architecture)."""
     gradient_checkpointing: bool = False
     zero_init: bool = True
     """Under ZeRO-3, construct the model partitioned (never whole on one rank)."""

@@ -174,8 +174,8 @@ def build_pairs(rows, tokenizer, max_length: int, max_prompt_length: int, on_bad
     return pairs, bad
 
 
-def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> list[Pair]:
-    """Recipe data section -> tokenised pairs (row order of the source split)."""
+def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> tuple[list[Pair], str]:
+    """Recipe data section -> (tokenised pairs in source row order, dataset fingerprint)."""
     split = split or data_cfg.split
     rows = load_rows(data_cfg.path, split)
     if data_cfg.max_samples is not None:
@@ -184,7 +184,7 @@ def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> list[
         rows, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.on_bad_row,
         f"{data_cfg.path} [{split}]", log,
     )
-    return pairs
+    return pairs, rows._fingerprint
 
 
 # ----------------------------------------------------------------------------- order and batches
@@ -199,13 +199,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[int]:
     """Positions (into the pair list) this rank trains on at optimizer step `step`.
 
-    Global batch s of an epoch is order[s*G:(s+1)*G]; rank r takes the r-th contiguous
-    block of G/world, consumed in micro-batches. The union over ranks is independent of
-    world size and micro batch, which makes those settings interchangeable.
+    Global batch s is order[s*G:(s+1)*G] of one seeded permutation; rank r takes the r-th
+    contiguous block of G/world, consumed in micro-batches. The union over ranks does not
+    depend on world size or micro batch, so those settings are interchangeable. Later
+    epochs visit the same global batches in a new seeded order: which rank holds which
+    pair never changes, so the offline cache partitioned at build time stays rank-local.
     """
     steps_per_epoch = n // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"only {n} pairs: fewer than one global batch ({global_batch})")
     epoch, s = divmod(step, steps_per_epoch)
-    order = epoch_order(n, seed, epoch)
+    if epoch:
+        s = epoch_order(steps_per_epoch, seed, epoch)[s]
+    order = epoch_order(n, seed, 0)
     per_rank = global_batch // world
     start = s * global_batch + rank * per_rank
     return order[start : start + per_rank]

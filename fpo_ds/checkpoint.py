@@ -1,0 +1,164 @@
+"""DeepSpeed checkpoints made atomic, resumable and exportable.
+
+Layout under `output.dir/checkpoints/`:
+    step_00000010/            DeepSpeed's files + rng_rank*.pt + hf/ (config, tokenizer)
+                              + recipe.yaml + COMPLETE.json (written last: file list and sizes)
+    latest                    tag of the newest complete checkpoint (replaced atomically)
+
+A crash mid-save leaves a tag without COMPLETE.json and `latest` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from fpo_ds import config as C
+from fpo_ds import dist
+
+MARKER = "COMPLETE.json"
+
+
+def root(out_dir: str) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer) -> Path:
+    """Collective: every rank calls it. Returns the tag directory."""
+    ckpt_root = root(recipe.output.dir)
+    tag = tag_of(step)
+    tag_dir = ckpt_root / tag
+    if dist.rank() == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # a leftover partial save of the same step
+    tdist.barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
+    tdist.barrier()
+    if dist.rank() == 0:
+        model_config.save_pretrained(tag_dir / "hf")
+        tokenizer.save_pretrained(tag_dir / "hf")
+        C.dump(recipe, tag_dir / "recipe.yaml")
+        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "world_size": dist.world_size(), "files": files}))
+        _atomic_write(ckpt_root / "latest", tag)
+        _prune(ckpt_root, recipe.output.keep_last)
+    tdist.barrier()
+    return tag_dir
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(ckpt_root: Path, keep_last: int) -> None:
+    tags = complete_tags(ckpt_root)
+    for tag in tags[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+
+
+def complete_tags(ckpt_root: Path) -> list[str]:
+    """Tags with a COMPLETE marker, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p.parent.name for p in ckpt_root.glob(f"step_*/{MARKER}"))
+
+
+def verify(tag_dir: Path) -> dict:
+    """The marker of a complete checkpoint; raises naming the missing or truncated file."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{tag_dir}: no {MARKER}; the save did not finish. Resume from an earlier checkpoint")
+    info = json.loads(marker.read_text())
+    for rel, size in info["files"].items():
+        p = tag_dir / rel
+        if not p.is_file() or p.stat().st_size != size:
+            got = p.stat().st_size if p.is_file() else "missing"
+            raise ValueError(
+                f"checkpoint {tag_dir} is damaged: {rel} is {got} (expected {size} bytes). "
+                f"Delete {tag_dir} to resume from the previous checkpoint, or set output.resume=never"
+            )
+    return info
+
+
+def find_resume(output_cfg) -> Path | None:
+    """The tag directory to resume from, per output.resume (auto | never | path)."""
+    if output_cfg.resume == "never":
+        return None
+    if output_cfg.resume != "auto":
+        p = Path(output_cfg.resume)
+        if not p.is_dir():
+            raise FileNotFoundError(f"output.resume: {p} is not a checkpoint directory")
+        return p
+    ckpt_root = root(output_cfg.dir)
+    latest = ckpt_root / "latest"
+    if latest.is_file():
+        return ckpt_root / latest.read_text().strip()
+    tags = complete_tags(ckpt_root)
+    return ckpt_root / tags[-1] if tags else None
+
+
+def load(engine, tag_dir: Path) -> dict:
+    """Collective: restore engine (weights, optimizer, scheduler) and this rank's RNG; return client state."""
+    verify(tag_dir)
+    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+    if client is None:
+        raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    rng = tag_dir / f"rng_rank{dist.rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client
+
+
+def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
+    """ZeRO checkpoint -> Hugging Face model directory (config, tokenizer, safetensors). Single process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tag_dir, out = Path(tag_dir), Path(out)
+    verify(tag_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export: {out} exists and is not empty; pick a new directory")
+    cfg = AutoConfig.from_pretrained(tag_dir / "hf")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"export: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tag_dir / "hf").save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out

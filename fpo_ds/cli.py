@@ -1,0 +1,79 @@
+"""`fpo-ds` command line: one subcommand per entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _validate(args) -> int:
+    from fpo_ds import config as C
+    from fpo_ds.sae import registry_problems
+
+    try:
+        recipe = C.load(args.recipe, args.overrides)
+    except C.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    problems = registry_problems(recipe.sae.release, recipe.sae.sae_id) if recipe.sae.release else []
+    if problems:
+        print(C.ConfigError(problems, args.recipe), file=sys.stderr)
+        return 1
+    print(f"{args.recipe}: ok ({recipe.loss.method}, {recipe.model.name_or_path})")
+    return 0
+
+
+def _toy(args) -> int:
+    from fpo_ds import toy
+
+    out = toy.write_world(args.out, args.arch, args.n_train, args.n_eval, args.seed)
+    print(f"wrote tiny {args.arch} world to {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from fpo_ds import checkpoint
+
+    out = checkpoint.export(args.checkpoint, args.out, args.dtype)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from fpo_ds import train
+
+        train.main(argv[1:])
+        return 0
+    if argv[:1] == ["build-cache"]:
+        from fpo_ds import cache
+
+        cache.main(argv[1:])
+        return 0
+    p = argparse.ArgumentParser(prog="fpo-ds", description="FPO and DPO-family preference training on DeepSpeed")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="train a recipe (run under torchrun / deepspeed / srun)")
+    sub.add_parser("build-cache", help="run the reference once and write the offline cache (same launchers)")
+    v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(fn=_validate)
+    t = sub.add_parser("toy", help="write the embedded tiny world (tokenizer, tiny model, toy data)")
+    t.add_argument("out")
+    t.add_argument("--arch", choices=["gemma2", "llama"], default="gemma2")
+    t.add_argument("--n-train", type=int, default=512)
+    t.add_argument("--n-eval", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_toy)
+    e = sub.add_parser("export", help="ZeRO checkpoint directory -> Hugging Face model directory")
+    e.add_argument("checkpoint", help="a checkpoint tag directory, e.g. runs/x/checkpoints/step_00000100")
+    e.add_argument("out")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.set_defaults(fn=_export)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Policy/reference loading under DeepSpeed, and per-sequence log-probs of a batch.
+
+Under ZeRO-3 the model is constructed partitioned (transformers' HfDeepSpeedConfig makes
+`from_pretrained` run inside `deepspeed.zero.Init`), so a 9B model is never whole on a rank.
+Random initialisation never happens here: tiny test models are written to disk first
+(see toy.py), which sidesteps transformers' init on already-partitioned embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fpo_ds.data import Batch
+from fpo_ds.losses import IGNORE_INDEX, token_logps
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# Models whose code must be imported before zero.Init patches tensor constructors.
+_PRELOADED = False
+
+
+class SeqOut(NamedTuple):
+    """Per-sequence statistics of one concatenated (chosen; rejected) forward."""
+
+    sum_logps: torch.Tensor  # (2b,)
+    n_tokens: torch.Tensor  # (2b,)
+    logits: torch.Tensor | None  # (2b, T-1, V), kept only when a loss needs full distributions
+    mask: torch.Tensor  # (2b, T-1) response-token mask aligned with logits
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    """Derived gradient accumulation; the error shows its arithmetic."""
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        raise ValueError(
+            f"train.global_batch_size={global_batch} is not a multiple of "
+            f"micro_batch_size*world_size = {micro_batch}*{world} = {per_step}; "
+            f"pick a global batch that is, e.g. {per_step * max(1, round(global_batch / per_step))}"
+        )
+    return global_batch // per_step
+
+
+def deepspeed_config(path: str, global_batch: int, micro_batch: int, world: int) -> dict:
+    """Systems settings from the JSON plus the batch keys derived from the recipe."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"deepspeed.config: {p} not found (pick one of ds_configs/*.json)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed.config: {p} is not valid JSON: {e}") from None
+    set_keys = [k for k in BATCH_KEYS if k in cfg]
+    if set_keys:
+        raise ValueError(
+            f"{p}: sets {set_keys}; batch sizes come from the recipe (train.global_batch_size, "
+            "train.micro_batch_size) only. Delete these keys from the JSON."
+        )
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ValueError(f"{p}: remove '{key}'; the optimizer and LR schedule come from the recipe's train section")
+    cfg.update(
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=accumulation_steps(global_batch, micro_batch, world),
+    )
+    cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
+    return cfg
+
+
+def zero_stage(ds_cfg: dict) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def torch_dtype(ds_cfg: dict) -> torch.dtype:
+    if ds_cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def _preload_model_code() -> None:
+    """Import model classes before zero.Init (lazy imports inside it break its patching)."""
+    global _PRELOADED
+    if not _PRELOADED:
+        import transformers.generation.utils  # noqa: F401
+        from transformers import Gemma2ForCausalLM, LlamaForCausalLM  # noqa: F401
+
+        _PRELOADED = True
+
+
+def load_model(model_cfg, ds_cfg: dict):
+    """from_pretrained, partitioned at construction under ZeRO-3 (collective: call on every rank).
+
+    Returns (model, keepalive): keep `keepalive` referenced until deepspeed.initialize ran.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _preload_model_code()
+    keepalive = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 and model_cfg.zero_init else None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.name_or_path,
+        revision=model_cfg.revision,
+        dtype=torch_dtype(ds_cfg),
+        attn_implementation=model_cfg.attn_implementation,
+    )
+    model.config.use_cache = False
+    return model, keepalive
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+    if tok.chat_template is None:
+        raise ValueError(
+            f"model.name_or_path: the tokenizer of {model_cfg.name_or_path} has no chat template; "
+            "use an instruction/SFT checkpoint or one whose tokenizer_config sets chat_template"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def sequence_logps(model, batch: Batch, keep_logits: bool = False) -> SeqOut:
+    """One forward over chosen+rejected; summed response log-probs per sequence."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    labels = batch.labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    tok = token_logps(logits, labels)
+    return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask)

@@ -1,0 +1,68 @@
+"""Choose the loss once at set-up: recipe loss section -> one function of the step's outputs.
+
+Each objective takes the policy's per-sequence outputs and the reference's (live engine or
+offline cache; None for SFT/SimPO) and returns losses.LossOut. Sequences are ordered
+(chosen rows; rejected rows), so `_halves` splits them into pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fpo_ds import losses as L
+from fpo_ds.model import SeqOut
+
+
+class RefOut(NamedTuple):
+    sum_logps: torch.Tensor  # (2b,) summed reference log-probs
+    mean_logps: torch.Tensor  # (2b,) per-token mean reference log-probs
+    logits: torch.Tensor | None = None  # (2b, T-1, V), live reference only (TDPO)
+
+
+class Objective(NamedTuple):
+    fn: Callable[[SeqOut, RefOut | None], L.LossOut]
+    reference: str  # "none" | "live" | "offline"
+    keep_logits: bool  # policy/ref logits are needed beyond log-probs (TDPO)
+
+
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
+def build(loss_cfg) -> Objective:
+    method, beta, alpha = loss_cfg.method, loss_cfg.resolved_beta, loss_cfg.alpha
+
+    def sft(pol: SeqOut, ref: RefOut | None) -> L.LossOut:
+        mean_c, _ = _halves(pol.sum_logps / pol.n_tokens)
+        zero = torch.zeros_like(mean_c).detach()
+        return L.LossOut(L.sft(mean_c), zero, zero)
+
+    def dpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+        return L.dpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), beta)
+
+    def ipo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+        return L.ipo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(pol.n_tokens), beta)
+
+    def simpo(pol: SeqOut, ref: RefOut | None) -> L.LossOut:
+        return L.simpo(*_halves(pol.sum_logps / pol.n_tokens), beta, loss_cfg.gamma_beta_ratio)
+
+    def tdpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+        kl = L.sequence_kl(ref.logits, pol.logits, pol.mask)
+        version = 1 if method == "tdpo1" else 2
+        return L.tdpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(kl), beta, alpha, version)
+
+    table = {
+        "sft": (sft, "none", False),
+        "dpo": (dpo, loss_cfg.reference, False),
+        "ipo": (ipo, loss_cfg.reference, False),
+        "simpo": (simpo, "none", False),
+        "tdpo1": (tdpo, "live", True),
+        "tdpo2": (tdpo, "live", True),
+    }
+    if method not in table:
+        raise NotImplementedError(f"loss.method={method} is built by the FPO objective (fpo_ds.fpo)")
+    return Objective(*table[method])

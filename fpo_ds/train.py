@@ -1,0 +1,195 @@
+"""`fpo-ds train RECIPE [key=value ...]`: load config -> set up -> loop -> save.
+
+Run under any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, e.g.
+    torchrun --nproc_per_node 2 -m fpo_ds.train recipes/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from fpo_ds import checkpoint, data, dist, metrics, objective
+from fpo_ds import config as C
+from fpo_ds import model as M
+
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
+
+
+class Setup(NamedTuple):
+    recipe: C.Recipe
+    engine: object
+    reference: object | None  # live reference engine, or the offline cache reader
+    objective: objective.Objective
+    pairs: list
+    tokenizer: object
+    model_config: object
+    total_steps: int
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Linear warmup to the peak, then constant or cosine decay to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def total_steps(n_pairs: int, train_cfg) -> int:
+    per_epoch = n_pairs // train_cfg.global_batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"data: {n_pairs} usable pairs is less than one global batch (train.global_batch_size="
+            f"{train_cfg.global_batch_size}); add data or lower the batch size"
+        )
+    total = per_epoch * train_cfg.epochs
+    return min(total, train_cfg.max_steps) if train_cfg.max_steps else total
+
+
+def _reference_engine(recipe, ds_cfg):
+    """Frozen reference: a second DeepSpeed engine in eval mode, sharded like the policy."""
+    import deepspeed
+
+    ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+    if M.zero_stage(ds_cfg) != 3:
+        ref_cfg["zero_optimization"] = {"stage": 0}
+    ref_model, keep = M.load_model(recipe.model, ref_cfg)
+    ref_model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=ref_model, config=ref_cfg)
+    engine.eval()
+    del keep
+    return engine
+
+
+def setup(recipe: C.Recipe) -> Setup:
+    import deepspeed
+
+    dist.init(recipe.deepspeed.timeout_minutes)
+    world = dist.world_size()
+    ds_cfg = M.deepspeed_config(
+        recipe.deepspeed.config, recipe.train.global_batch_size, recipe.train.micro_batch_size, world
+    )
+    ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
+    obj = objective.build(recipe.loss)
+    tok = M.load_tokenizer(recipe.model)
+    pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
+    steps = total_steps(len(pairs), recipe.train)
+    torch.manual_seed(recipe.train.seed)
+    policy, keep = M.load_model(recipe.model, ds_cfg)
+    if recipe.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    t = recipe.train
+    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, steps, t.schedule))
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    del keep
+    reference = None
+    if obj.reference == "live":
+        reference = _reference_engine(recipe, ds_cfg)
+    elif obj.reference == "offline":
+        from fpo_ds import cache
+
+        reference = cache.Reader(recipe, tok, data_fp)
+    dist.log(
+        f"fpo-ds train: {recipe.loss.method} (reference: {obj.reference}), {len(pairs)} pairs, {steps} steps, "
+        f"world {world}, global batch {t.global_batch_size} = micro {t.micro_batch_size} x {world} ranks x "
+        f"accumulation {ds_cfg['gradient_accumulation_steps']}, ZeRO-{M.zero_stage(ds_cfg)}, {M.torch_dtype(ds_cfg)}"
+    )
+    return Setup(recipe, engine, reference, obj, pairs, tok, engine.module.config, steps)
+
+
+def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
+    if s.objective.reference == "none":
+        return None
+    if s.objective.reference == "offline":
+        return s.reference.ref_out(batch.example_ids)
+    with torch.no_grad():
+        out = M.sequence_logps(s.reference, batch, keep_logits=s.objective.keep_logits)
+    return objective.RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
+
+
+def micro_step(s: Setup, batch: data.Batch) -> dict[str, torch.Tensor]:
+    """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums."""
+    ref = reference_out(s, batch)
+    pol = M.sequence_logps(s.engine, batch, keep_logits=s.objective.keep_logits)
+    out = s.objective.fn(pol, ref)
+    s.engine.backward(out.losses.mean())
+    s.engine.step()
+    sums = metrics.pair_metrics(out, pol.sum_logps)
+    sums["tokens"] = batch.attention_mask.sum().double()
+    return sums
+
+
+def train_step(s: Setup, step: int) -> dict[str, float]:
+    """One optimizer step (all micro-batches of this rank's share of the global batch)."""
+    t0, lr = time.time(), s.engine.get_lr()[0]
+    r, t = s.recipe, s.recipe.train
+    idx = data.step_indices(len(s.pairs), r.data.seed, step, t.global_batch_size, dist.rank(), dist.world_size())
+    sums = []
+    for i in range(0, len(idx), t.micro_batch_size):
+        batch = data.collate([s.pairs[j] for j in idx[i : i + t.micro_batch_size]], s.tokenizer.pad_token_id)
+        sums.append(micro_step(s, batch))
+    m = metrics.reduce(sums)
+    dt = time.time() - t0
+    tokens = m.pop("tokens")
+    m.update(
+        lr=lr,
+        grad_norm=float(s.engine.get_global_grad_norm() or 0.0),
+        tokens_per_s=tokens / dt,
+        samples_per_s=t.global_batch_size / dt,
+        step_time_s=dt,
+        peak_mem_mib=metrics.peak_mem_mib(),
+    )
+    return m
+
+
+def run(recipe: C.Recipe) -> tuple[list[dict], Setup]:
+    """Train per the recipe; returns this run's step metrics (identical on every rank) and its set-up."""
+    s = setup(recipe)
+    if dist.rank() == 0:
+        from pathlib import Path
+
+        Path(recipe.output.dir).mkdir(parents=True, exist_ok=True)
+        C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
+    start = 0
+    resume_dir = checkpoint.find_resume(recipe.output)
+    if resume_dir is not None:
+        client = checkpoint.load(s.engine, resume_dir)
+        start = client["step"]
+        dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
+    writer = metrics.Writer(recipe.output.dir, recipe.logging, s.total_steps, C.to_dict(recipe))
+    history = []
+    for step in range(start, s.total_steps):
+        m = train_step(s, step)
+        history.append({"step": step + 1, **m})
+        writer.write(step + 1, m, start)
+        every = recipe.output.save_every
+        if (every and (step + 1) % every == 0) or step + 1 == s.total_steps:
+            client = {"step": step + 1, "consumed_samples": (step + 1) * recipe.train.global_batch_size}
+            checkpoint.save(s.engine, recipe, step + 1, client, s.model_config, s.tokenizer)
+    writer.close()
+    return history, s
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="fpo-ds train", description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-6")
+    args = p.parse_args(argv)
+    recipe = C.load(args.recipe, args.overrides)
+    run(recipe)
+
+
+if __name__ == "__main__":
+    main()
