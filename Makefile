@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+NPROC ?= 2
 demo: install
-	$(BIN)/fpo-ds demo --out runs/demo
+	test -f runs/tiny-world/model/config.json || $(BIN)/fpo-ds toy runs/tiny-world
+	$(BIN)/torchrun --nproc_per_node $(NPROC) -m fpo_ds.train recipes/tiny.yaml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
