@@ -6,6 +6,8 @@ import importlib.util
 from functools import cache
 from pathlib import Path
 
+import torch
+import torch.distributed as tdist
 import yaml
 
 
@@ -34,3 +36,191 @@ def registry_problems(release: str, sae_id: str) -> list[str]:
         close = difflib.get_close_matches(sae_id, ids, n=1)
         return [f"sae.sae_id: {sae_id!r} is not in release {release}" + (f" (did you mean {close[0]}?)" if close else "")]
     return []
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_sae(sae_cfg, dtype: str = "float32"):
+    """A frozen sae-lens SAE on CPU: a published one (release/sae_id) or a `save_model` directory.
+
+    Import this module's sae_lens use *before* any deepspeed.zero.Init (sae-lens fails to
+    import after one has run).
+    """
+    from sae_lens import SAE
+
+    if sae_cfg.path:
+        if not (Path(sae_cfg.path) / "cfg.json").is_file():
+            raise FileNotFoundError(
+                f"sae.path: {sae_cfg.path} has no cfg.json; expected a directory written by sae-lens `save_model`"
+            )
+        sae = SAE.load_from_disk(sae_cfg.path, device="cpu", dtype=dtype)
+    else:
+        sae = SAE.from_pretrained(sae_cfg.release, sae_cfg.sae_id, device="cpu", dtype=dtype)
+    sae.requires_grad_(False)
+    sae.eval()
+    return sae
+
+
+def hook_layer(sae, source: str = "sae") -> int:
+    """Decoder block L whose output the SAE reads (`blocks.{L}.hook_resid_post`)."""
+    name = sae.cfg.metadata.hook_name or ""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post" or not parts[1].isdigit():
+        raise ValueError(
+            f"{source}: SAE hook {name!r} is not a residual-stream site blocks.L.hook_resid_post; "
+            "FPO reads the output of decoder block L"
+        )
+    return int(parts[1])
+
+
+def check_against_model(sae, model_config, source: str = "sae") -> int:
+    """Errors for an SAE that cannot read this model; returns its layer."""
+    layer = hook_layer(sae, source)
+    problems = []
+    if sae.cfg.d_in != model_config.hidden_size:
+        problems.append(f"SAE d_in {sae.cfg.d_in} != model hidden_size {model_config.hidden_size}")
+    if layer >= model_config.num_hidden_layers:
+        problems.append(f"SAE layer {layer} is beyond the model's {model_config.num_hidden_layers} blocks")
+    if problems:
+        raise ValueError(f"{source}: {'; '.join(problems)}. Pick the SAE trained on this model's residual stream")
+    return layer
+
+
+# ----------------------------------------------------------------------------- sharded encode
+
+
+def _split(d_sae: int, world: int, rank: int) -> tuple[int, int, int]:
+    """Equal-width slices (the last one padded): returns (lo, hi, width)."""
+    width = -(-d_sae // world)
+    lo = min(rank * width, d_sae)
+    return lo, min(lo + width, d_sae), width
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of equal-shaped (N, d) -> (W, N, d); backward sends each piece home and sums."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(out, x.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        pieces = [torch.empty_like(g[0]) for _ in range(g.shape[0])]
+        tdist.all_to_all(pieces, [p.contiguous() for p in g.unbind(0)])
+        return torch.stack(pieces).sum(0)
+
+
+class _AllToAll(torch.autograd.Function):
+    """(W, m, f): piece j goes to rank j; result piece i came from rank i. Self-adjoint."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x[0]) for _ in range(x.shape[0])]
+        tdist.all_to_all(out, [p.contiguous() for p in x.unbind(0)])
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _AllToAll.apply(g)
+
+
+class ShardedEncoder:
+    """This rank's slice of an SAE encoder: features [lo, hi) of d_sae, never the whole W_enc.
+
+    `pooled(h, mask)` is collective. Per call and rank it moves
+        all_gather:  (W-1) * N_max * d_in  values in   (response-token hidden states)
+        all_to_all:  2 * (W-1) * rows * width values   (pooled feature slices out and back)
+    and the same again in backward. `bytes_per_call` reports the last call's volume.
+    """
+
+    SUPPORTED = ("standard", "jumprelu", "topk")
+
+    def __init__(self, sae, rank: int, world: int, device: torch.device | str = "cpu"):
+        arch = sae.cfg.architecture()
+        if arch not in self.SUPPORTED:
+            raise ValueError(f"sae: architecture {arch!r} is not supported by the sharded encoder ({self.SUPPORTED})")
+        self.arch, self.world, self.rank = arch, world, rank
+        self.d_sae, self.d_in, self.dtype = sae.cfg.d_sae, sae.cfg.d_in, sae.W_enc.dtype
+        self.lo, self.hi, self.width = _split(self.d_sae, world, rank)
+        self.norm = sae.cfg.normalize_activations
+        pad = self.width - (self.hi - self.lo)
+        w = sae.W_enc.detach()[:, self.lo : self.hi]
+        self.W_enc = torch.nn.functional.pad(w, (0, pad)).clone().to(device)
+        self.b_enc = torch.nn.functional.pad(sae.b_enc.detach()[self.lo : self.hi], (0, pad)).clone().to(device)
+        self.b_dec_in = (sae.b_dec.detach() * sae.cfg.apply_b_dec_to_input).clone().to(device)
+        self.valid = torch.arange(self.width, device=device) < (self.hi - self.lo)
+        self.threshold = self.dec_norm = None
+        if arch == "jumprelu":
+            self.threshold = torch.nn.functional.pad(sae.threshold.detach()[self.lo : self.hi], (0, pad)).to(device)
+        if arch == "topk":
+            self.k = sae.cfg.k
+            if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+                self.dec_norm = torch.nn.functional.pad(sae.W_dec.detach()[self.lo : self.hi].norm(dim=-1), (0, pad))
+        self.bytes_per_call = 0
+
+    def resident_bytes(self) -> int:
+        ts = [self.W_enc, self.b_enc, self.b_dec_in, self.threshold, self.dec_norm]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """sae-lens's run-time input normalisation (per token, so every rank can apply it)."""
+        if self.norm == "constant_norm_rescale":
+            return x * (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+        if self.norm == "layer_norm":
+            x = x - x.mean(dim=-1, keepdim=True)
+            return x / (x.std(dim=-1, keepdim=True) + 1e-5)
+        return x  # "none"; "expected_average_only_in" is folded into W_enc by sae-lens at load
+
+    def local_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d_in) -> (N, width): this rank's feature slice, exactly as sae-lens encodes it."""
+        pre = (self._normalise(x.to(self.dtype)) - self.b_dec_in) @ self.W_enc + self.b_enc
+        if self.arch == "standard":
+            return pre.relu() * self.valid
+        if self.arch == "jumprelu":
+            return pre.relu() * (pre > self.threshold).to(pre.dtype) * self.valid
+        if self.dec_norm is not None:
+            pre = pre * self.dec_norm
+        pre = pre.masked_fill(~self.valid, float("-inf"))
+        local_top = pre.detach().topk(min(self.k, self.width), dim=-1).values
+        everyone = _GatherRows.apply(local_top) if self.world > 1 else local_top.unsqueeze(0)
+        kth = everyone.permute(1, 0, 2).reshape(pre.shape[0], -1).topk(self.k, dim=-1).values[:, -1:]
+        return torch.where(pre >= kth, pre, torch.zeros_like(pre)).relu()
+
+    def pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Collective. Mean SAE features over response tokens. (rows, T, d_in), (rows, T) -> (rows, d_sae).
+
+        Every rank passes its own rows (same row count on all ranks); gradients flow back to
+        each rank's own `h`.
+        """
+        rows = h.shape[0]
+        sel = mask.bool()
+        tokens = h[sel]  # (N, d_in), response tokens only
+        row_of = torch.arange(rows, device=h.device).unsqueeze(1).expand_as(sel)[sel]
+        counts = sel.sum(1).clamp(min=1).to(self.dtype)
+        if self.world == 1:
+            acts = self.local_acts(tokens)
+            return torch.zeros(rows, self.width, dtype=acts.dtype, device=acts.device).index_add(0, row_of, acts)[
+                :, : self.d_sae
+            ] / counts.unsqueeze(1)
+        n = torch.tensor([tokens.shape[0]], device=h.device)
+        tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
+        n_max = int(n.item())
+        pad = n_max - tokens.shape[0]
+        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad))
+        row_of = torch.nn.functional.pad(row_of, (0, pad), value=rows)  # padding goes to a spare row
+        all_tokens = _GatherRows.apply(tokens)  # (W, n_max, d_in)
+        all_rows = [torch.empty_like(row_of) for _ in range(self.world)]
+        tdist.all_gather(all_rows, row_of)
+        all_rows = torch.stack(all_rows)  # (W, n_max): which of its rows each token belongs to
+        acts = self.local_acts(all_tokens.reshape(-1, self.d_in))  # (W*n_max, width)
+        dest = (all_rows + (rows + 1) * torch.arange(self.world, device=h.device).unsqueeze(1)).reshape(-1)
+        sums = torch.zeros(self.world * (rows + 1), self.width, dtype=acts.dtype, device=acts.device)
+        sums = sums.index_add(0, dest, acts).reshape(self.world, rows + 1, self.width)[:, :rows]
+        mine = _AllToAll.apply(sums)  # (W, rows, width): slice i of my rows, from rank i
+        full = mine.permute(1, 0, 2).reshape(rows, self.world * self.width)[:, : self.d_sae]
+        item = h.element_size()
+        self.bytes_per_call = (self.world - 1) * (n_max * self.d_in * item + 2 * rows * self.width * acts.element_size())
+        return full / counts.unsqueeze(1)

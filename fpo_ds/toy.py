@@ -111,3 +111,23 @@ def write_world(out: str | Path, arch: str = "gemma2", n_train: int = 512, n_eva
         with open(out / "data" / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return out
+
+
+def random_sae(arch: str, d_in: int, d_sae: int, layer: int, seed: int = 0, **extra):
+    """A random sae-lens SAE of the given architecture reading blocks.{layer}.hook_resid_post."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    classes = {"standard": (StandardSAE, StandardSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+               "topk": (TopKSAE, TopKSAEConfig)}
+    cls, cfg_cls = classes[arch]
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"), **extra)
+    sae = cls(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.rand(d_sae, generator=g) * 0.2)
+    return sae

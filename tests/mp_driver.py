@@ -36,8 +36,12 @@ def fixed_logits(s) -> torch.Tensor:
 def main(spec_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     results = {}
+    dist.init(3)
     for item in json.loads(Path(spec_path).read_text()):
         recipe = C.load(item["recipe"], item.get("overrides", []))
+        if item["action"] == "sae_check":
+            results[item["name"]] = sae_check(out)
+            continue
         if item["action"] == "build_cache":
             cache.build(recipe)
             results[item["name"]] = {"ok": True}
@@ -52,6 +56,42 @@ def main(spec_path: str, out_dir: str) -> None:
         del s
     if dist.rank() == 0:
         (out / "results.json").write_text(json.dumps(results))
+
+
+
+def sae_check(out: Path) -> dict:
+    """Sharded encode vs sae-lens's own encode on the full SAE, forward and gradients."""
+    from fpo_ds import losses, toy
+    from fpo_ds.sae import ShardedEncoder
+
+    res = {}
+    rank, world = dist.rank(), dist.world_size()
+    for arch, extra in (("standard", {}), ("jumprelu", {}), ("topk", {"k": 7}),
+                        ("standard", {"normalize_activations": "layer_norm", "apply_b_dec_to_input": False})):
+        name = arch + ("-ln" if extra.get("normalize_activations") else "")
+        sae = toy.random_sae(arch, 16, 37, 1, seed=3, **extra)  # 37 features: uneven split across ranks
+        enc = ShardedEncoder(sae, rank, world)
+        g = torch.Generator().manual_seed(100 + rank)
+        t = 5 + 2 * rank  # ranks hold different sequence lengths
+        h = torch.randn(4, t, 16, generator=g, dtype=torch.float32, requires_grad=True)
+        mask = torch.rand(4, t, generator=g) > 0.4
+        mask[:, -1] = True
+        w = torch.randn(4, 37, generator=g)
+        got = enc.pooled(h, mask)
+        (got * w).sum().backward()
+        h2 = h.detach().clone().requires_grad_(True)
+        want = losses.masked_mean(sae.encode(h2), mask)
+        (want * w).sum().backward()
+        errs = torch.tensor([(got - want).abs().max().item(), (h.grad - h2.grad).abs().max().item(),
+                             float(want.abs().sum() > 0)])
+        full = sum(p.numel() * p.element_size() for p in sae.parameters())
+        res[name] = {"fwd_err": errs[0].item(), "grad_err": errs[1].item(), "nonzero": errs[2].item(),
+                     "resident_bytes": enc.resident_bytes(), "full_bytes": full,
+                     "encoder_bytes": sum(sae.get_parameter(n).numel() * 4 for n in ("W_enc", "b_enc", "b_dec")),
+                     "comm_bytes": enc.bytes_per_call}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, res)
+    return {"per_rank": gathered}
 
 
 if __name__ == "__main__":
