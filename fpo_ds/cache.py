@@ -45,10 +45,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _model_identity(model_cfg) -> dict:
-    """Model id + revision; for a local directory, its config and weight files' names/sizes/mtimes."""
-    ident = {"name_or_path": model_cfg.name_or_path, "revision": model_cfg.revision}
-    p = Path(model_cfg.name_or_path)
+def _identity(name_or_path: str, revision: str | None = None) -> dict:
+    """Hub id + revision; for a local directory, its config and weight files' names/sizes/mtimes."""
+    ident = {"name_or_path": name_or_path, "revision": revision}
+    p = Path(name_or_path)
     if p.is_dir():
         ident["files"] = {
             f.name: [f.stat().st_size, int(f.stat().st_mtime)]
@@ -58,23 +58,33 @@ def _model_identity(model_cfg) -> dict:
     return ident
 
 
-def fingerprint(recipe: C.Recipe, tokenizer, dataset_fingerprint: str) -> str:
-    """Hash of everything that changes the cache's content."""
+def fingerprints(recipe: C.Recipe, tokenizer, dataset_fingerprint: str) -> dict:
+    """Hashes of everything that changes the cache's content: reference log-probs, and features."""
     r = recipe
-    k_cache = r.cache.k_cache or 4 * r.sae.k
-    parts = {
+    base = {
         "format": FORMAT,
-        "model": _model_identity(r.model),
+        "model": _identity(r.model.name_or_path, r.model.revision),
         "tokenizer": hashlib.sha256(
             (json.dumps(tokenizer.get_vocab(), sort_keys=True) + str(tokenizer.chat_template)).encode()
         ).hexdigest(),
         "data": [r.data.path, r.data.split, r.data.max_samples, r.data.on_bad_row, dataset_fingerprint],
         "lengths": [r.data.max_length, r.data.max_prompt_length],
-        "features": None
-        if r.loss.method != "fpo"
-        else {"release": r.sae.release, "sae_id": r.sae.sae_id, "path": r.sae.path, "pooling": "mean", "k_cache": k_cache},
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]  # noqa: E731
+    out = {"logps": digest(base), "features": None}
+    if has_features(r):
+        sae = {"release": r.sae.release, "sae_id": r.sae.sae_id, "pooling": "mean-response", "k_cache": k_cache(r),
+               "path": _identity(r.sae.path) if r.sae.path else None}
+        out["features"] = digest([base, sae])
+    return out
+
+
+def has_features(recipe: C.Recipe) -> bool:
+    return bool(recipe.sae.path or recipe.sae.release)
+
+
+def k_cache(recipe: C.Recipe) -> int:
+    return recipe.cache.k_cache or 4 * recipe.sae.k
 
 
 def part_name(rank: int, world: int) -> str:
@@ -91,56 +101,85 @@ def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]
 # ----------------------------------------------------------------------------- build
 
 
+def _sparse(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, d_sae) -> top-k (idx int32, val f32) with -1 for non-positive entries, and the largest dropped value."""
+    top = features.float().topk(min(k + 1, features.shape[1]), dim=1)
+    vals, idx = top.values[:, :k], top.indices[:, :k]
+    dropped = top.values[:, k] if top.values.shape[1] > k else torch.zeros(features.shape[0], device=features.device)
+    idx = torch.where(vals > 0, idx, torch.full_like(idx, -1))
+    pad = k - vals.shape[1]  # an SAE narrower than k_cache
+    if pad > 0:
+        vals = torch.nn.functional.pad(vals, (0, pad))
+        idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+    return idx.int(), torch.where(idx >= 0, vals, torch.zeros_like(vals)), dropped.clamp(min=0)
+
+
+def _pair_rows(x: torch.Tensor) -> torch.Tensor:
+    """(2b, ...) chosen rows then rejected rows -> (b, 2, ...)."""
+    b = x.shape[0] // 2
+    return torch.stack([x[:b], x[b:]], 1)
+
+
 def build(recipe: C.Recipe) -> Path:
     """Collective: every rank runs the reference over its own shard and writes its part."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     dist.init(recipe.deepspeed.timeout_minutes)
     rank, world = dist.rank(), dist.world_size()
     final = Path(recipe.cache.dir)
     if final.exists():
-        raise FileExistsError(
-            f"cache.dir: {final} already exists; delete it (or pick another cache.dir) to rebuild"
-        )
+        raise FileExistsError(f"cache.dir: {final} already exists; delete it (or pick another cache.dir) to rebuild")
     tmp = final.with_name(final.name + ".partial")
-    t = recipe.train
+    t, device = recipe.train, get_accelerator().current_device_name()
     ds_cfg = M.deepspeed_config(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world)
     tok = M.load_tokenizer(recipe.model)
     pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
     positions = rank_positions(len(pairs), recipe, rank, world)
+    encoder = layer = None
+    if has_features(recipe):  # sae-lens is imported before zero.Init
+        from fpo_ds import sae
+
+        encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), rank, world, device)
     ref_model, keep = M.load_model(recipe.model, ds_cfg)
     ref_model.requires_grad_(False)
-    infer_cfg = {k: v for k, v in ds_cfg.items() if k != "gradient_clipping"}
-    engine, *_ = deepspeed.initialize(model=ref_model, config=infer_cfg)
+    engine, *_ = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_cfg.items() if k != "gradient_clipping"})
     engine.eval()
     del keep
+    tap = M.ResidualTap(engine.module, layer) if encoder else None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     tdist.barrier()
-    ids, sums, counts = [], [], []
+    cols: dict[str, list] = {"example_id": [], "sum_logps": [], "n_tokens": [], "feat_idx": [], "feat_val": [],
+                             "feat_dropped_max": []}
     mb = t.micro_batch_size
     with torch.no_grad():
         for i in range(0, len(positions), mb):
-            batch = data.collate([pairs[j] for j in positions[i : i + mb]], tok.pad_token_id)
-            out = M.sequence_logps(engine, batch)
-            b = batch.example_ids.shape[0]
-            ids.append(batch.example_ids)
-            sums.append(torch.stack([out.sum_logps[:b], out.sum_logps[b:]], 1).float().cpu())
-            counts.append(torch.stack([out.n_tokens[:b], out.n_tokens[b:]], 1).int().cpu())
-            if rank == 0 and (i // mb) % 50 == 0:
-                dist.log(f"build-cache: {i + b}/{len(positions)} pairs on rank 0")
-    tensors = {"example_id": torch.cat(ids), "sum_logps": torch.cat(sums), "n_tokens": torch.cat(counts)}
+            batch = M.to_device(data.collate([pairs[j] for j in positions[i : i + mb]], tok.pad_token_id), device)
+            out = M.sequence_logps(engine, batch, tap=tap, encoder=encoder)
+            cols["example_id"].append(batch.example_ids.cpu())
+            cols["sum_logps"].append(_pair_rows(out.sum_logps.float()).cpu())
+            cols["n_tokens"].append(_pair_rows(out.n_tokens.int()).cpu())
+            if encoder:
+                idx, val, dropped = _sparse(out.features, k_cache(recipe))
+                cols["feat_idx"].append(_pair_rows(idx).cpu())
+                cols["feat_val"].append(_pair_rows(val).cpu())
+                cols["feat_dropped_max"].append(_pair_rows(dropped).cpu())
+            if (i // mb) % 50 == 0:
+                dist.log(f"build-cache: {i + mb}/{len(positions)} pairs on rank 0")
+    tensors = {k: torch.cat(v) for k, v in cols.items() if v}
     name = part_name(rank, world)
     save_file(tensors, str(tmp / name))
-    entry = {"file": name, "rows": len(positions), "sha256": _sha256(tmp / name)}
+    entry = {"file": name, "rows": len(positions), "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
     entries = [None] * world
     tdist.all_gather_object(entries, entry)
     if rank == 0:
         C.dump(recipe, tmp / "recipe.yaml")
         manifest = {
             "format": FORMAT,
-            "fingerprint": fingerprint(recipe, tok, data_fp),
+            "fingerprints": fingerprints(recipe, tok, data_fp),
+            "k_cache": k_cache(recipe) if encoder else None,
             "world_size": world,
             "global_batch_size": t.global_batch_size,
             "data_seed": recipe.data.seed,
@@ -149,8 +188,12 @@ def build(recipe: C.Recipe) -> Path:
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, final)
-        dist.log(f"build-cache: wrote {sum(e['rows'] for e in entries)} pairs in {world} parts to {final}")
+        rows = sum(e["rows"] for e in entries)
+        size = sum(e["bytes"] for e in entries)
+        dist.log(f"build-cache: wrote {rows} pairs in {world} parts to {final} ({size / max(rows, 1):.0f} bytes/pair)")
     tdist.barrier()
+    if tap:
+        tap.remove()
     return final
 
 
@@ -160,47 +203,62 @@ def build(recipe: C.Recipe) -> Path:
 class Reader:
     """Rank-local view of the cache: loads only the parts holding this rank's pairs."""
 
-    def __init__(self, recipe: C.Recipe, tokenizer, dataset_fingerprint: str):
-        self.dir = Path(recipe.cache.dir)
+    def __init__(self, recipe: C.Recipe, tokenizer, dataset_fingerprint: str, device="cpu"):
+        self.dir, self.device = Path(recipe.cache.dir), device
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"cache.dir: {manifest_path} is missing (cache not built or incomplete); {rebuild_hint()}")
         self.manifest = json.loads(manifest_path.read_text())
-        want = fingerprint(recipe, tokenizer, dataset_fingerprint)
-        if self.manifest.get("fingerprint") != want:
+        want = fingerprints(recipe, tokenizer, dataset_fingerprint)
+        have = self.manifest.get("fingerprints", {})
+        if have.get("logps") != want["logps"]:
             raise ValueError(
-                f"cache {self.dir} was built for a different model/tokenizer/data/lengths/SAE "
-                f"(fingerprint {self.manifest.get('fingerprint')} != {want} for this recipe); {rebuild_hint()}"
+                f"cache {self.dir} was built for a different model, tokenizer, dataset or max lengths "
+                f"(fingerprint {have.get('logps')} != {want['logps']} for this recipe); {rebuild_hint()}"
             )
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        mine = self.manifest["world_size"] == dist.world_size() and (
-            self.manifest["global_batch_size"] == recipe.train.global_batch_size
-            and self.manifest["data_seed"] == recipe.data.seed
-        )
-        parts = [self.manifest["parts"][dist.rank()]] if mine else self.manifest["parts"]
-        for part in parts:
+        self.features = recipe.loss.method == "fpo"
+        if self.features and have.get("features") != want["features"]:
+            raise ValueError(
+                f"cache {self.dir} holds features of a different SAE, pooling or k_cache than this recipe's "
+                f"(sae {recipe.sae.release or recipe.sae.path} {recipe.sae.sae_id or ''}, k_cache {k_cache(recipe)}); "
+                f"{rebuild_hint()}"
+            )
+        self.rows: dict[int, tuple[int, int]] = {}  # example id -> (table, row)
+        self.tables: list[dict[str, torch.Tensor]] = []
+        mine = (self.manifest["world_size"], self.manifest["global_batch_size"], self.manifest["data_seed"]) == (
+            dist.world_size(), recipe.train.global_batch_size, recipe.data.seed)
+        for part in [self.manifest["parts"][dist.rank()]] if mine else self.manifest["parts"]:
             self._load(part)
 
     def _load(self, part: dict) -> None:
         path = self.dir / part["file"]
         if not path.is_file():
             raise FileNotFoundError(f"cache part {path} is missing; {rebuild_hint()}")
-        if _sha256(path) != part["sha256"]:
-            raise ValueError(f"cache part {path} is corrupted (sha256 mismatch); {rebuild_hint()}")
-        t = load_file(str(path))
-        for i, ex in enumerate(t["example_id"].tolist()):
-            self.rows[ex] = (t["sum_logps"][i], t["n_tokens"][i])
+        if path.stat().st_size != part.get("bytes", path.stat().st_size) or _sha256(path) != part["sha256"]:
+            raise ValueError(f"cache part {path} is truncated or corrupted (size/sha256 mismatch); {rebuild_hint()}")
+        table = load_file(str(path))
+        if self.features and "feat_idx" not in table:
+            raise ValueError(f"cache part {path} has no SAE features (built without an SAE); {rebuild_hint()}")
+        t = len(self.tables)
+        self.tables.append(table)
+        for i, ex in enumerate(table["example_id"].tolist()):
+            self.rows[ex] = (t, i)
 
     def ref_out(self, example_ids: torch.Tensor) -> RefOut:
-        """(b,) example ids -> RefOut over (chosen rows; rejected rows), shape (2b,)."""
+        """(b,) example ids -> RefOut over (chosen rows; rejected rows), shape (2b, ...)."""
         try:
-            got = [self.rows[i] for i in example_ids.tolist()]
+            where = [self.rows[i] for i in example_ids.tolist()]
         except KeyError as e:
             raise KeyError(f"example id {e.args[0]} is not in cache {self.dir}; {rebuild_hint()}") from None
-        sums = torch.stack([g[0] for g in got])  # (b, 2)
-        counts = torch.stack([g[1] for g in got]).to(sums.dtype)
-        s, n = torch.cat([sums[:, 0], sums[:, 1]]), torch.cat([counts[:, 0], counts[:, 1]])
-        return RefOut(s, s / n)
+
+        def column(key: str) -> torch.Tensor:  # (b, 2, ...) -> (2b, ...) chosen rows then rejected rows
+            x = torch.stack([self.tables[t][key][i] for t, i in where])
+            return torch.cat([x[:, 0], x[:, 1]]).to(self.device, non_blocking=True)
+
+        s, n = column("sum_logps"), column("n_tokens").to(torch.float32)
+        if not self.features:
+            return RefOut(s, s / n)
+        return RefOut(s, s / n, None, column("feat_idx").long(), column("feat_val"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ class LossOut(NamedTuple):
     losses: Tensor  # (b,) per-pair loss, differentiable
     chosen_rewards: Tensor  # (b,) detached
     rejected_rewards: Tensor  # (b,) detached
+    extra: dict | None = None  # method-specific per-pair metrics, e.g. fpo/feature_mse_chosen -> (b,)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -161,4 +162,5 @@ def fpo(
     """
     rc, rr = beta * (mean_c - ref_mean_c), beta * (mean_r - ref_mean_r)
     u = rc - rr - alpha * (beta * d_r - (beta * d_c).detach())
-    return LossOut(-F.logsigmoid(u), rc.detach(), rr.detach())
+    extra = {"fpo/feature_mse_chosen": d_c.detach(), "fpo/feature_mse_rejected": d_r.detach()}
+    return LossOut(-F.logsigmoid(u), rc.detach(), rr.detach(), extra)

@@ -34,15 +34,15 @@ def pair_metrics(out: LossOut, sum_logps: torch.Tensor) -> dict[str, torch.Tenso
         "logps/chosen": sum_logps[:b].detach().sum(),
         "logps/rejected": sum_logps[b:].detach().sum(),
         "pairs": torch.tensor(float(b)),
-    }
+    } | {k: v.sum() for k, v in (out.extra or {}).items()}
 
 
-def reduce(sums: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def reduce(sums: list[dict[str, torch.Tensor]], device: str = "cpu") -> dict[str, float]:
     """Sum micro-batch sums over accumulation and ranks; divide all but `tokens` by the pair count."""
     keys = list(sums[0])
-    local = torch.stack([sum(s[k].double().cpu() for s in sums) for k in keys])
+    local = torch.stack([sum(s[k].detach().double().cpu() for s in sums) for k in keys]).to(device)
     if tdist.is_initialized():
-        tdist.all_reduce(local)
+        tdist.all_reduce(local)  # one small collective per step (on the accelerator for NCCL)
     totals = dict(zip(keys, local.tolist()))
     pairs, tokens = totals.pop("pairs"), totals.pop("tokens", None)
     means = {k: v / pairs for k, v in totals.items()}

@@ -29,6 +29,7 @@ class SeqOut(NamedTuple):
     n_tokens: torch.Tensor  # (2b,)
     logits: torch.Tensor | None  # (2b, T-1, V), kept only when a loss needs full distributions
     mask: torch.Tensor  # (2b, T-1) response-token mask aligned with logits
+    features: torch.Tensor | None = None  # (2b, d_sae) SAE features mean-pooled over response tokens (FPO)
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -112,6 +113,12 @@ def load_model(model_cfg, ds_cfg: dict):
     return model, keepalive
 
 
+def load_config(model_cfg):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+
+
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
@@ -126,10 +133,62 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def sequence_logps(model, batch: Batch, keep_logits: bool = False) -> SeqOut:
-    """One forward over chosen+rejected; summed response log-probs per sequence."""
+def to_device(batch: Batch, device) -> Batch:
+    return Batch(*(t.to(device, non_blocking=True) for t in batch))
+
+
+def sequence_logps(model, batch: Batch, keep_logits: bool = False, tap=None, encoder=None) -> SeqOut:
+    """One forward over chosen+rejected; summed response log-probs per sequence.
+
+    With a ResidualTap and a ShardedEncoder (FPO), also the SAE features of block L's output,
+    mean-pooled over each sequence's response tokens (collective across ranks).
+    """
+    if tap is not None:
+        tap.arm()
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     tok = token_logps(logits, labels)
-    return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask)
+    features = None
+    if tap is not None:
+        features = encoder.pooled(tap.take(), batch.labels != IGNORE_INDEX)
+    return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask, features)
+
+
+def decoder_layers(model):
+    """The list of decoder blocks of a Hugging Face causal LM (Llama, Gemma2, Mistral, Qwen2 ...)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find decoder blocks at model.model.layers")
+    return layers
+
+
+class ResidualTap:
+    """Reads the residual stream at the output of decoder block L (before any final norm).
+
+    A forward hook on block L stores its output once per `arm()`. With activation
+    checkpointing the block runs again during backward; the tap is disarmed by then, so the
+    recomputed output is neither stored nor counted twice.
+    """
+
+    def __init__(self, model, layer: int):
+        self.layer, self.armed, self.value = layer, False, None
+        self.handle = decoder_layers(model)[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self.armed:
+            self.value = output[0] if isinstance(output, tuple) else output
+            self.armed = False
+
+    def arm(self) -> None:
+        self.armed, self.value = True, None
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError(f"residual tap at block {self.layer} did not fire during the forward pass")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self.handle.remove()

@@ -20,6 +20,8 @@ class RefOut(NamedTuple):
     sum_logps: torch.Tensor  # (2b,) summed reference log-probs
     mean_logps: torch.Tensor  # (2b,) per-token mean reference log-probs
     logits: torch.Tensor | None = None  # (2b, T-1, V), live reference only (TDPO)
+    feat_idx: torch.Tensor | None = None  # (2b, k_cache) cached top features (offline cache, FPO)
+    feat_val: torch.Tensor | None = None  # (2b, k_cache) their pooled values
 
 
 class Objective(NamedTuple):
@@ -33,7 +35,8 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:b], x[b:]
 
 
-def build(loss_cfg) -> Objective:
+def build(loss_cfg, k: int = 50, feature_weights: torch.Tensor | None = None) -> Objective:
+    """The recipe's objective; `k` and `feature_weights` (d_sae,) matter for fpo only."""
     method, beta, alpha = loss_cfg.method, loss_cfg.resolved_beta, loss_cfg.alpha
 
     def sft(pol: SeqOut, ref: RefOut | None) -> L.LossOut:
@@ -55,7 +58,13 @@ def build(loss_cfg) -> Objective:
         version = 1 if method == "tdpo1" else 2
         return L.tdpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(kl), beta, alpha, version)
 
+    def fpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+        d = L.feature_mse(pol.features, ref.feat_idx, ref.feat_val, k, feature_weights)
+        mean = pol.sum_logps / pol.n_tokens
+        return L.fpo(*_halves(mean), *_halves(ref.mean_logps), *_halves(d), beta, alpha)
+
     table = {
+        "fpo": (fpo, "offline", False),
         "sft": (sft, "none", False),
         "dpo": (dpo, loss_cfg.reference, False),
         "ipo": (ipo, loss_cfg.reference, False),
@@ -63,6 +72,4 @@ def build(loss_cfg) -> Objective:
         "tdpo1": (tdpo, "live", True),
         "tdpo2": (tdpo, "live", True),
     }
-    if method not in table:
-        raise NotImplementedError(f"loss.method={method} is built by the FPO objective (fpo_ds.fpo)")
     return Objective(*table[method])

@@ -224,3 +224,34 @@ class ShardedEncoder:
         item = h.element_size()
         self.bytes_per_call = (self.world - 1) * (n_max * self.d_in * item + 2 * rows * self.width * acts.element_size())
         return full / counts.unsqueeze(1)
+
+
+def sharded_encoder(sae_cfg, model_config, rank: int, world: int, device) -> tuple[ShardedEncoder, int]:
+    """Load the recipe's SAE, check it fits the model, keep only this rank's slice. Returns (encoder, layer)."""
+    sae = load_sae(sae_cfg)
+    source = f"sae ({sae_cfg.path or f'{sae_cfg.release}/{sae_cfg.sae_id}'})"
+    layer = check_against_model(sae, model_config, source)
+    if sae_cfg.k > sae.cfg.d_sae:
+        raise ValueError(f"sae.k: {sae_cfg.k} exceeds the SAE width d_sae={sae.cfg.d_sae}")
+    encoder = ShardedEncoder(sae, rank, world, device)
+    del sae  # the full SAE is dropped: only the slice stays resident
+    return encoder, layer
+
+
+def load_feature_weights(path: str | None, d_sae: int, device) -> torch.Tensor | None:
+    """Per-feature constraint weights (d_sae,) from a .pt or .safetensors file (key 'weights')."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"sae.feature_weights: {p} not found")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        w = load_file(str(p)).get("weights")
+    else:
+        w = torch.load(p, map_location="cpu")
+    if not isinstance(w, torch.Tensor) or w.shape != (d_sae,):
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"sae.feature_weights: {p} must hold one tensor of shape ({d_sae},), got {got}")
+    return w.float().to(device)

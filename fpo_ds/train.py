@@ -13,6 +13,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from fpo_ds import checkpoint, data, dist, metrics, objective
 from fpo_ds import config as C
@@ -30,6 +31,9 @@ class Setup(NamedTuple):
     tokenizer: object
     model_config: object
     total_steps: int
+    device: str
+    tap: M.ResidualTap | None = None  # FPO: block L's output
+    encoder: object | None = None  # FPO: this rank's ShardedEncoder slice
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -81,10 +85,17 @@ def setup(recipe: C.Recipe) -> Setup:
         recipe.deepspeed.config, recipe.train.global_batch_size, recipe.train.micro_batch_size, world
     )
     ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
-    obj = objective.build(recipe.loss)
+    device = get_accelerator().current_device_name()
     tok = M.load_tokenizer(recipe.model)
     pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
     steps = total_steps(len(pairs), recipe.train)
+    encoder = layer = weights = None
+    if recipe.loss.method == "fpo":  # sae-lens must be imported before zero.Init
+        from fpo_ds import sae
+
+        encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), dist.rank(), world, device)
+        weights = sae.load_feature_weights(recipe.sae.feature_weights, encoder.d_sae, device)
+    obj = objective.build(recipe.loss, recipe.sae.k, weights)
     torch.manual_seed(recipe.train.seed)
     policy, keep = M.load_model(recipe.model, ds_cfg)
     if recipe.model.gradient_checkpointing:
@@ -100,13 +111,14 @@ def setup(recipe: C.Recipe) -> Setup:
     elif obj.reference == "offline":
         from fpo_ds import cache
 
-        reference = cache.Reader(recipe, tok, data_fp)
+        reference = cache.Reader(recipe, tok, data_fp, device)
     dist.log(
         f"fpo-ds train: {recipe.loss.method} (reference: {obj.reference}), {len(pairs)} pairs, {steps} steps, "
         f"world {world}, global batch {t.global_batch_size} = micro {t.micro_batch_size} x {world} ranks x "
         f"accumulation {ds_cfg['gradient_accumulation_steps']}, ZeRO-{M.zero_stage(ds_cfg)}, {M.torch_dtype(ds_cfg)}"
     )
-    return Setup(recipe, engine, reference, obj, pairs, tok, engine.module.config, steps)
+    tap = M.ResidualTap(engine.module, layer) if encoder else None
+    return Setup(recipe, engine, reference, obj, pairs, tok, engine.module.config, steps, device, tap, encoder)
 
 
 def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
@@ -121,8 +133,9 @@ def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
 
 def micro_step(s: Setup, batch: data.Batch) -> dict[str, torch.Tensor]:
     """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums."""
+    batch = M.to_device(batch, s.device)
     ref = reference_out(s, batch)
-    pol = M.sequence_logps(s.engine, batch, keep_logits=s.objective.keep_logits)
+    pol = M.sequence_logps(s.engine, batch, s.objective.keep_logits, s.tap, s.encoder)
     out = s.objective.fn(pol, ref)
     s.engine.backward(out.losses.mean())
     s.engine.step()
@@ -140,8 +153,10 @@ def train_step(s: Setup, step: int) -> dict[str, float]:
     for i in range(0, len(idx), t.micro_batch_size):
         batch = data.collate([s.pairs[j] for j in idx[i : i + t.micro_batch_size]], s.tokenizer.pad_token_id)
         sums.append(micro_step(s, batch))
-    m = metrics.reduce(sums)
+    m = metrics.reduce(sums, s.device)
     dt = time.time() - t0
+    if s.encoder is not None:  # forward and backward each move the same volume
+        m["fpo/sae_comm_bytes_per_step"] = 2.0 * s.encoder.bytes_per_call * len(sums)
     tokens = m.pop("tokens")
     m.update(
         lr=lr,

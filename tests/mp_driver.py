@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import deepspeed
+import sae_lens  # noqa: F401  (must precede any zero.Init in this process, as in fpo_ds.train)
 import torch
 
 from fpo_ds import cache, data, dist, train

@@ -81,14 +81,26 @@ def runs(tmp_path_factory):
         model={"gradient_checkpointing": True})})
     inv = dict(loss={"method": "dpo"}, train={"global_batch_size": 2, "max_steps": 3})
     spec.append({"name": "ranks2_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r2m1", **inv)})
+    # FPO: a JumpReLU SAE on the last block's residual stream, saved with sae-lens's own save_model.
+    toy.random_sae("jumprelu", 64, 96, 3, seed=1).save_model(str(tmp / "sae"))
+    toy.random_sae("jumprelu", 64, 96, 3, seed=2).save_model(str(tmp / "sae-other"))
+    fpo = dict(loss={"method": "fpo"}, sae={"path": str(tmp / "sae"), "k": 8}, cache={"dir": str(tmp / "fpo-cache")})
+    spec.append({"name": "fpo_cache", "action": "build_cache", "recipe": _recipe(tmp, g, "fpo-cache", **fpo)})
+    spec.append({"name": "fpo", "action": "train", "recipe": _recipe(tmp, g, "fpo", **fpo)})
+    spec.append({"name": "fpo_ckpt", "action": "train", "recipe": _recipe(
+        tmp, g, "fpo-ckpt", **fpo, model={"gradient_checkpointing": True})})
+    spec.append({"name": "dpo_from_fpo_cache", "action": "train", "recipe": _recipe(
+        tmp, g, "dpo-fpo-cache", loss={"method": "dpo", "reference": "offline"}, cache=fpo["cache"])})
+    spec.append({"name": "sae", "action": "sae_check", "recipe": full})
     two = _launch(2, spec, tmp / "out2")
     one_spec = [
+        {"name": "fpo_1rank", "action": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
         {"name": "rank1_micro2", "action": "train+dump", "recipe": _recipe(tmp, g, "r1m2", **inv),
          "overrides": ["train.micro_batch_size=2"]},
         {"name": "rank1_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r1m1", **inv)},
     ]
     one = _launch(1, one_spec, tmp / "out1")
-    return {"two": two, "one": one, "tmp": tmp}
+    return {"two": two, "one": one, "tmp": tmp, "fpo_recipe": _recipe(tmp, g, "fpo-check", **fpo)}
 
 
 def _losses(res, name):
@@ -187,3 +199,71 @@ def test_export_round_trip_logits(runs, tmp_path):
         got = model(input_ids=ids, attention_mask=att).logits
     assert torch.allclose(got, logits, atol=1e-5), (got - logits).abs().max()
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_fpo_step0_is_ln2_with_zero_feature_mse(runs):
+    for name in ("fpo", "fpo_ckpt"):
+        h0 = runs["two"][name]["history"][0]
+        assert abs(h0["loss"] - LN2) < 1e-4, (name, h0)
+        # a mean of non-negative per-pair values: ~0 means ~0 for every pair
+        assert h0["fpo/feature_mse_chosen"] < 1e-9 and h0["fpo/feature_mse_rejected"] < 1e-9, h0
+        assert h0["fpo/sae_comm_bytes_per_step"] > 0
+        later = runs["two"][name]["history"][-1]
+        assert later["fpo/feature_mse_rejected"] > 0 and math.isfinite(later["loss"])
+        assert runs["two"][name]["reference"] == "Reader"
+    # activation checkpointing re-runs block L in backward: the tap must not change anything
+    assert _losses(runs["two"], "fpo_ckpt") == pytest.approx(_losses(runs["two"], "fpo"), abs=1e-5)
+
+
+def test_cache_built_on_two_ranks_trains_on_one_and_serves_dpo(runs):
+    assert _losses(runs["one"], "fpo_1rank") == pytest.approx(_losses(runs["two"], "fpo"), abs=1e-5)
+    assert _losses(runs["two"], "dpo_from_fpo_cache") == pytest.approx(_losses(runs["two"], "gemma2-dpo"), abs=1e-5)
+    m = json.loads((runs["tmp"] / "fpo-cache" / "manifest.json").read_text())
+    assert m["k_cache"] == 32 and m["fingerprints"]["features"]
+    # O(k_cache) per pair: 2 responses x k_cache x (int32 index + f32 value) + small fixed fields
+    per_pair = sum(p["bytes"] for p in m["parts"]) / m["n_pairs"]
+    assert per_pair < 2 * 32 * 8 + 200
+
+
+def test_sharded_encoder_matches_sae_lens(runs):
+    for rank_res in runs["two"]["sae"]["per_rank"]:
+        for arch, r in rank_res.items():
+            assert r["fwd_err"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["nonzero"] == 1.0, (arch, r)
+            # 2 ranks: this rank's resident share of the encoder is half of W_enc and b_enc (+ b_dec)
+            assert r["resident_bytes"] <= r["encoder_bytes"] / 2 + 16 * 4 * 2 + 96, (arch, r)
+
+
+def _reader(recipe_path, *overrides):
+    from fpo_ds import cache, data
+    from fpo_ds import config as C
+    from fpo_ds import model as M
+
+    recipe = C.load(recipe_path, list(overrides))
+    tok = M.load_tokenizer(recipe.model)
+    _, fp = data.load_pairs(recipe.data, tok)
+    return cache.Reader(recipe, tok, fp)
+
+
+def test_cache_refuses_wrong_or_damaged(runs, tmp_path):
+    import shutil
+
+    recipe, src = runs["fpo_recipe"], runs["tmp"] / "fpo-cache"
+    assert len(_reader(recipe).rows) == 32  # world size 1 here: reads every part
+    with pytest.raises(ValueError, match="different SAE"):
+        _reader(recipe, f"sae.path={runs['tmp'] / 'sae-other'}")
+    with pytest.raises(ValueError, match="max lengths"):
+        _reader(recipe, "data.max_length=40")
+    bad = tmp_path / "cache"
+    shutil.copytree(src, bad)
+    part = bad / "part-00001-of-00002.safetensors"
+    raw = bytearray(part.read_bytes())
+    raw[-5] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="part-00001-of-00002.safetensors is truncated or corrupted.*build-cache"):
+        _reader(recipe, f"cache.dir={bad}")
+    part.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        _reader(recipe, f"cache.dir={bad}")
+    part.unlink()
+    with pytest.raises(FileNotFoundError, match="part-00001-of-00002.safetensors is missing"):
+        _reader(recipe, f"cache.dir={bad}")
