@@ -29,6 +29,7 @@ demo: install
 	$(BIN)/torchrun --nproc_per_node $(NPROC) -m fpo_ds.train recipes/tiny.yaml
 
 test: install
+	$(BIN)/ruff check fpo_ds tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install

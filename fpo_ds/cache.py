@@ -73,8 +73,13 @@ def fingerprints(recipe: C.Recipe, tokenizer, dataset_fingerprint: str) -> dict:
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]  # noqa: E731
     out = {"logps": digest(base), "features": None}
     if has_features(r):
-        sae = {"release": r.sae.release, "sae_id": r.sae.sae_id, "pooling": "mean-response", "k_cache": k_cache(r),
-               "path": _identity(r.sae.path) if r.sae.path else None}
+        sae = {
+            "release": r.sae.release,
+            "sae_id": r.sae.sae_id,
+            "pooling": "mean-response",
+            "k_cache": k_cache(r),
+            "path": _identity(r.sae.path) if r.sae.path else None,
+        }
         out["features"] = digest([base, sae])
     return out
 
@@ -95,7 +100,9 @@ def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]
     """Pair positions rank `rank` trains on over one epoch (the sampler's own assignment)."""
     t = recipe.train
     steps = n // t.global_batch_size
-    return [i for s in range(steps) for i in data.step_indices(n, recipe.data.seed, s, t.global_batch_size, rank, world)]
+    return [
+        i for s in range(steps) for i in data.step_indices(n, recipe.data.seed, s, t.global_batch_size, rank, world)
+    ]
 
 
 # ----------------------------------------------------------------------------- build
@@ -143,7 +150,9 @@ def build(recipe: C.Recipe) -> Path:
         encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), rank, world, device)
     ref_model, keep = M.load_model(recipe.model, ds_cfg)
     ref_model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=ref_model, config={k: v for k, v in ds_cfg.items() if k != "gradient_clipping"})
+    engine, *_ = deepspeed.initialize(
+        model=ref_model, config={k: v for k, v in ds_cfg.items() if k != "gradient_clipping"}
+    )
     engine.eval()
     del keep
     tap = M.ResidualTap(engine.module, layer) if encoder else None
@@ -151,8 +160,14 @@ def build(recipe: C.Recipe) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     tdist.barrier()
-    cols: dict[str, list] = {"example_id": [], "sum_logps": [], "n_tokens": [], "feat_idx": [], "feat_val": [],
-                             "feat_dropped_max": []}
+    cols: dict[str, list] = {
+        "example_id": [],
+        "sum_logps": [],
+        "n_tokens": [],
+        "feat_idx": [],
+        "feat_val": [],
+        "feat_dropped_max": [],
+    }
     mb = t.micro_batch_size
     with torch.no_grad():
         for i in range(0, len(positions), mb):
@@ -207,7 +222,9 @@ class Reader:
         self.dir, self.device = Path(recipe.cache.dir), device
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"cache.dir: {manifest_path} is missing (cache not built or incomplete); {rebuild_hint()}")
+            raise FileNotFoundError(
+                f"cache.dir: {manifest_path} is missing (cache not built or incomplete); {rebuild_hint()}"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         want = fingerprints(recipe, tokenizer, dataset_fingerprint)
         have = self.manifest.get("fingerprints", {})
@@ -226,7 +243,10 @@ class Reader:
         self.rows: dict[int, tuple[int, int]] = {}  # example id -> (table, row)
         self.tables: list[dict[str, torch.Tensor]] = []
         mine = (self.manifest["world_size"], self.manifest["global_batch_size"], self.manifest["data_seed"]) == (
-            dist.world_size(), recipe.train.global_batch_size, recipe.data.seed)
+            dist.world_size(),
+            recipe.train.global_batch_size,
+            recipe.data.seed,
+        )
         for part in [self.manifest["parts"][dist.rank()]] if mine else self.manifest["parts"]:
             self._load(part)
 

@@ -276,7 +276,9 @@ def _check(r: Recipe, problems: list[str]) -> None:
         if not (s.path or (s.release and s.sae_id)):
             problems.append("sae: method fpo needs an SAE: set sae.path, or sae.release and sae.sae_id")
         if not r.cache.dir:
-            problems.append("cache.dir: method fpo needs the offline reference cache (build it with `fpo-ds build-cache`)")
+            problems.append(
+                "cache.dir: method fpo needs the offline reference cache (build it with `fpo-ds build-cache`)"
+            )
     if lo.reference == "offline" and lo.method in ("dpo", "ipo") and not r.cache.dir:
         problems.append("cache.dir: loss.reference=offline needs the offline reference cache")
     if lo.reference == "offline" and lo.method in ("tdpo1", "tdpo2"):

@@ -118,15 +118,13 @@ def normalise(row: dict) -> tuple[list[dict], str, str]:
 
 
 def _response_text(tokenizer, prompt: list[dict], prompt_text: str, response: str) -> str:
-    full = tokenizer.apply_chat_template(
-        prompt + [{"role": "assistant", "content": response}], tokenize=False
-    )
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise ValueError(
             "the tokenizer's chat template does not render the prompt (with add_generation_prompt) as a "
             "prefix of prompt + response; fpo-ds needs that to locate response tokens"
         )
-    return full[len(prompt_text):]
+    return full[len(prompt_text) :]
 
 
 def truncate(p: list[int], c: list[int], r: list[int], max_length: int, max_prompt_length: int):
@@ -181,8 +179,13 @@ def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> tuple
     if data_cfg.max_samples is not None:
         rows = rows.select(range(min(data_cfg.max_samples, len(rows))))
     pairs, _ = build_pairs(
-        rows, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.on_bad_row,
-        f"{data_cfg.path} [{split}]", log,
+        rows,
+        tokenizer,
+        data_cfg.max_length,
+        data_cfg.max_prompt_length,
+        data_cfg.on_bad_row,
+        f"{data_cfg.path} [{split}]",
+        log,
     )
     return pairs, rows._fingerprint
 

@@ -62,9 +62,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def feature_mse(
-    pol: Tensor, ref_idx: Tensor, ref_val: Tensor, k: int, weights: Tensor | None = None
-) -> Tensor:
+def feature_mse(pol: Tensor, ref_idx: Tensor, ref_val: Tensor, k: int, weights: Tensor | None = None) -> Tensor:
     """D_FPO = (1/k) sum_{i in I_k} w_i (c_pol_i - c_ref_i)^2, I_k = topk(c_pol) U topk(c_ref).
 
     Args:
@@ -104,7 +102,7 @@ def sft(mean_c: Tensor) -> Tensor:
 
 
 def dpo(sum_c: Tensor, sum_r: Tensor, ref_sum_c: Tensor, ref_sum_r: Tensor, beta: float) -> LossOut:
-    """u = beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))], summed log-probs."""
+    """U = beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))], summed log-probs."""
     rc, rr = beta * (sum_c - ref_sum_c), beta * (sum_r - ref_sum_r)
     return LossOut(-F.logsigmoid(rc - rr), rc.detach(), rr.detach())
 
@@ -119,7 +117,7 @@ def ipo(
 
 
 def simpo(mean_c: Tensor, mean_r: Tensor, beta: float, gamma_beta_ratio: float) -> LossOut:
-    """u = beta (mean log pi(y_w) - mean log pi(y_l)) - gamma, gamma = beta * gamma_beta_ratio."""
+    """U = beta (mean log pi(y_w) - mean log pi(y_l)) - gamma, gamma = beta * gamma_beta_ratio."""
     rc, rr = beta * mean_c, beta * mean_r
     return LossOut(-F.logsigmoid(rc - rr - beta * gamma_beta_ratio), rc.detach(), rr.detach())
 
@@ -156,7 +154,7 @@ def fpo(
     beta: float,
     alpha: float,
 ) -> LossOut:
-    """u = beta (mean_c - mean_r) - gamma_ref - alpha (beta D_FPO(y_l) - sg(beta D_FPO(y_w))).
+    """U = beta (mean_c - mean_r) - gamma_ref - alpha (beta D_FPO(y_l) - sg(beta D_FPO(y_w))).
 
     gamma_ref = beta (ref_mean_c - ref_mean_r) comes from the offline cache.
     """

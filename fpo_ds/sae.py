@@ -30,11 +30,15 @@ def registry_problems(release: str, sae_id: str) -> list[str]:
         return []  # sae-lens not installed: nothing to check against
     if release not in reg:
         close = difflib.get_close_matches(release, list(reg), n=1)
-        return [f"sae.release: {release!r} is not a sae-lens release" + (f" (did you mean {close[0]}?)" if close else "")]
+        return [
+            f"sae.release: {release!r} is not a sae-lens release" + (f" (did you mean {close[0]}?)" if close else "")
+        ]
     ids = [s["id"] for s in reg[release].get("saes", [])]
     if sae_id not in ids:
         close = difflib.get_close_matches(sae_id, ids, n=1)
-        return [f"sae.sae_id: {sae_id!r} is not in release {release}" + (f" (did you mean {close[0]}?)" if close else "")]
+        return [
+            f"sae.sae_id: {sae_id!r} is not in release {release}" + (f" (did you mean {close[0]}?)" if close else "")
+        ]
     return []
 
 
@@ -222,7 +226,9 @@ class ShardedEncoder:
         mine = _AllToAll.apply(sums)  # (W, rows, width): slice i of my rows, from rank i
         full = mine.permute(1, 0, 2).reshape(rows, self.world * self.width)[:, : self.d_sae]
         item = h.element_size()
-        self.bytes_per_call = (self.world - 1) * (n_max * self.d_in * item + 2 * rows * self.width * acts.element_size())
+        self.bytes_per_call = (self.world - 1) * (
+            n_max * self.d_in * item + 2 * rows * self.width * acts.element_size()
+        )
         return full / counts.unsqueeze(1)
 
 

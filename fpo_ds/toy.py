@@ -57,9 +57,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 384):
         vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -80,7 +78,9 @@ def tiny_config(arch: str, vocab_size: int, tokenizer=None):
     )
     if tokenizer is not None:
         common.update(
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     if arch == "gemma2":
         return Gemma2Config(**common, sliding_window=128, query_pre_attn_scalar=16)
@@ -119,14 +119,17 @@ def random_sae(arch: str, d_in: int, d_sae: int, layer: int, seed: int = 0, **ex
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    classes = {"standard": (StandardSAE, StandardSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
-               "topk": (TopKSAE, TopKSAEConfig)}
+    classes = {
+        "standard": (StandardSAE, StandardSAEConfig),
+        "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+        "topk": (TopKSAE, TopKSAEConfig),
+    }
     cls, cfg_cls = classes[arch]
     cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"), **extra)
     sae = cls(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sae.named_parameters():
+        for p in sae.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
         if arch == "jumprelu":
             sae.threshold.copy_(torch.rand(d_sae, generator=g) * 0.2)

@@ -31,7 +31,9 @@ def fixed_logits(s) -> torch.Tensor:
     s.engine.eval()
     with torch.no_grad():
         logits = s.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return torch.cat([batch.input_ids.unsqueeze(-1).float(), batch.attention_mask.unsqueeze(-1).float(), logits.float()], -1)
+    return torch.cat(
+        [batch.input_ids.unsqueeze(-1).float(), batch.attention_mask.unsqueeze(-1).float(), logits.float()], -1
+    )
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -59,7 +61,6 @@ def main(spec_path: str, out_dir: str) -> None:
         (out / "results.json").write_text(json.dumps(results))
 
 
-
 def sae_check(out: Path) -> dict:
     """Sharded encode vs sae-lens's own encode on the full SAE, forward and gradients."""
     from fpo_ds import losses, toy
@@ -67,8 +68,12 @@ def sae_check(out: Path) -> dict:
 
     res = {}
     rank, world = dist.rank(), dist.world_size()
-    for arch, extra in (("standard", {}), ("jumprelu", {}), ("topk", {"k": 7}),
-                        ("standard", {"normalize_activations": "layer_norm", "apply_b_dec_to_input": False})):
+    for arch, extra in (
+        ("standard", {}),
+        ("jumprelu", {}),
+        ("topk", {"k": 7}),
+        ("standard", {"normalize_activations": "layer_norm", "apply_b_dec_to_input": False}),
+    ):
         name = arch + ("-ln" if extra.get("normalize_activations") else "")
         sae = toy.random_sae(arch, 16, 37, 1, seed=3, **extra)  # 37 features: uneven split across ranks
         enc = ShardedEncoder(sae, rank, world)
@@ -83,13 +88,19 @@ def sae_check(out: Path) -> dict:
         h2 = h.detach().clone().requires_grad_(True)
         want = losses.masked_mean(sae.encode(h2), mask)
         (want * w).sum().backward()
-        errs = torch.tensor([(got - want).abs().max().item(), (h.grad - h2.grad).abs().max().item(),
-                             float(want.abs().sum() > 0)])
+        errs = torch.tensor(
+            [(got - want).abs().max().item(), (h.grad - h2.grad).abs().max().item(), float(want.abs().sum() > 0)]
+        )
         full = sum(p.numel() * p.element_size() for p in sae.parameters())
-        res[name] = {"fwd_err": errs[0].item(), "grad_err": errs[1].item(), "nonzero": errs[2].item(),
-                     "resident_bytes": enc.resident_bytes(), "full_bytes": full,
-                     "encoder_bytes": sum(sae.get_parameter(n).numel() * 4 for n in ("W_enc", "b_enc", "b_dec")),
-                     "comm_bytes": enc.bytes_per_call}
+        res[name] = {
+            "fwd_err": errs[0].item(),
+            "grad_err": errs[1].item(),
+            "nonzero": errs[2].item(),
+            "resident_bytes": enc.resident_bytes(),
+            "full_bytes": full,
+            "encoder_bytes": sum(sae.get_parameter(n).numel() * 4 for n in ("W_enc", "b_enc", "b_dec")),
+            "comm_bytes": enc.bytes_per_call,
+        }
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, res)
     return {"per_rank": gathered}

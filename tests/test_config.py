@@ -71,8 +71,14 @@ def test_overrides_apply_and_are_validated(tmp_path):
 
 def test_cross_field_rules():
     with pytest.raises(C.ConfigError) as e:
-        C.from_dict({**MINIMAL, "loss": {"method": "fpo"}, "train": {"global_batch_size": 10, "micro_batch_size": 4},
-                     "data": {"path": "d", "max_length": 64, "max_prompt_length": 64}})
+        C.from_dict(
+            {
+                **MINIMAL,
+                "loss": {"method": "fpo"},
+                "train": {"global_batch_size": 10, "micro_batch_size": 4},
+                "data": {"path": "d", "max_length": 64, "max_prompt_length": 64},
+            }
+        )
     msg = str(e.value)
     assert "global_batch_size=10 is not a multiple of train.micro_batch_size=4" in msg
     assert "sae: method fpo needs an SAE" in msg and "cache.dir: method fpo needs" in msg

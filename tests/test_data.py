@@ -29,8 +29,14 @@ def test_masks_token_by_token_on_chat_template(tokenizer):
     pairs, _ = D.build_pairs([ROW, long_row], tokenizer, 256, 128, "drop", "t")
     b = D.collate(pairs, tokenizer.pad_token_id)
     assert b.input_ids.shape[0] == 4 and b.example_ids.tolist() == [0, 1]
-    for row_i, (pair, resp) in enumerate([(pairs[0], pairs[0].chosen_ids), (pairs[1], pairs[1].chosen_ids),
-                                          (pairs[0], pairs[0].rejected_ids), (pairs[1], pairs[1].rejected_ids)]):
+    for row_i, (pair, resp) in enumerate(
+        [
+            (pairs[0], pairs[0].chosen_ids),
+            (pairs[1], pairs[1].chosen_ids),
+            (pairs[0], pairs[0].rejected_ids),
+            (pairs[1], pairs[1].rejected_ids),
+        ]
+    ):
         n_p, seq = len(pair.prompt_ids), pair.prompt_ids + resp
         labels, ids, att = b.labels[row_i].tolist(), b.input_ids[row_i].tolist(), b.attention_mask[row_i].tolist()
         for t in range(len(labels)):
@@ -49,8 +55,13 @@ BAD = [
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical_responses"),
     ({"chosen": "a", "rejected": "b"}, "missing_field"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty_prompt"),
-    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}, "prompt_mismatch"),
+    (
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+        },
+        "prompt_mismatch",
+    ),
     ({"chosen": [{"role": "user"}], "rejected": [{"role": "assistant", "content": "b"}]}, "malformed_messages"),
 ]
 

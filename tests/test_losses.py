@@ -110,7 +110,9 @@ def test_fpo_formula_ln2_and_stop_gradient():
     beta, alpha = 0.1, 0.5
     out = L.fpo(mc, mr, rmc, rmr, dc, dr, beta, alpha)
     u = [
-        beta * (mc[i] - mr[i]).item() - beta * (rmc[i] - rmr[i]).item() - alpha * (beta * dr[i].item() - beta * dc[i].item())
+        beta * (mc[i] - mr[i]).item()
+        - beta * (rmc[i] - rmr[i]).item()
+        - alpha * (beta * dr[i].item() - beta * dc[i].item())
         for i in range(B)
     ]
     assert out.losses.tolist() == pytest.approx(_sig_loss(u), abs=1e-12)

@@ -30,8 +30,18 @@ def _launch(nproc: int, spec: list, out: Path, timeout: int = 900) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     port = str(29500 + (os.getpid() + nproc) % 1000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-           str(ROOT / "tests" / "mp_driver.py"), str(out / "spec.json"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        port,
+        str(ROOT / "tests" / "mp_driver.py"),
+        str(out / "spec.json"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -62,8 +72,13 @@ def runs(tmp_path_factory):
     spec = []
     for arch, world in worlds.items():
         for m in METHODS:
-            spec.append({"name": f"{arch}-{m}", "action": "train",
-                         "recipe": _recipe(tmp, world, f"{arch}-{m}", loss={"method": m})})
+            spec.append(
+                {
+                    "name": f"{arch}-{m}",
+                    "action": "train",
+                    "recipe": _recipe(tmp, world, f"{arch}-{m}", loss={"method": m}),
+                }
+            )
     learn = dict(loss={"method": "dpo"}, train={"max_steps": 24, "epochs": 3, "lr": 3e-3})
     spec.append({"name": "learn", "action": "train", "recipe": _recipe(tmp, g, "learn", **learn)})
     full = _recipe(tmp, g, "full", loss={"method": "dpo"}, train={"max_steps": 4}, output={"save_every": 2})
@@ -74,11 +89,29 @@ def runs(tmp_path_factory):
     off = dict(loss={"method": "dpo", "reference": "offline"}, cache={"dir": str(tmp / "cache")})
     spec.append({"name": "cache", "action": "build_cache", "recipe": _recipe(tmp, g, "cache", **off)})
     spec.append({"name": "offline", "action": "train", "recipe": _recipe(tmp, g, "offline", **off)})
-    spec.append({"name": "bf16", "action": "train", "recipe": _recipe(
-        tmp, g, "bf16", loss={"method": "dpo"}, deepspeed={"config": str(ROOT / "ds_configs/zero3_bf16.json")})})
-    spec.append({"name": "zero2", "action": "train", "recipe": _recipe(
-        tmp, g, "zero2", loss={"method": "dpo"}, deepspeed={"config": str(ROOT / "ds_configs/zero2_bf16.json")},
-        model={"gradient_checkpointing": True})})
+    spec.append(
+        {
+            "name": "bf16",
+            "action": "train",
+            "recipe": _recipe(
+                tmp, g, "bf16", loss={"method": "dpo"}, deepspeed={"config": str(ROOT / "ds_configs/zero3_bf16.json")}
+            ),
+        }
+    )
+    spec.append(
+        {
+            "name": "zero2",
+            "action": "train",
+            "recipe": _recipe(
+                tmp,
+                g,
+                "zero2",
+                loss={"method": "dpo"},
+                deepspeed={"config": str(ROOT / "ds_configs/zero2_bf16.json")},
+                model={"gradient_checkpointing": True},
+            ),
+        }
+    )
     inv = dict(loss={"method": "dpo"}, train={"global_batch_size": 2, "max_steps": 3})
     spec.append({"name": "ranks2_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r2m1", **inv)})
     # FPO: a JumpReLU SAE on the last block's residual stream, saved with sae-lens's own save_model.
@@ -87,16 +120,32 @@ def runs(tmp_path_factory):
     fpo = dict(loss={"method": "fpo"}, sae={"path": str(tmp / "sae"), "k": 8}, cache={"dir": str(tmp / "fpo-cache")})
     spec.append({"name": "fpo_cache", "action": "build_cache", "recipe": _recipe(tmp, g, "fpo-cache", **fpo)})
     spec.append({"name": "fpo", "action": "train", "recipe": _recipe(tmp, g, "fpo", **fpo)})
-    spec.append({"name": "fpo_ckpt", "action": "train", "recipe": _recipe(
-        tmp, g, "fpo-ckpt", **fpo, model={"gradient_checkpointing": True})})
-    spec.append({"name": "dpo_from_fpo_cache", "action": "train", "recipe": _recipe(
-        tmp, g, "dpo-fpo-cache", loss={"method": "dpo", "reference": "offline"}, cache=fpo["cache"])})
+    spec.append(
+        {
+            "name": "fpo_ckpt",
+            "action": "train",
+            "recipe": _recipe(tmp, g, "fpo-ckpt", **fpo, model={"gradient_checkpointing": True}),
+        }
+    )
+    spec.append(
+        {
+            "name": "dpo_from_fpo_cache",
+            "action": "train",
+            "recipe": _recipe(
+                tmp, g, "dpo-fpo-cache", loss={"method": "dpo", "reference": "offline"}, cache=fpo["cache"]
+            ),
+        }
+    )
     spec.append({"name": "sae", "action": "sae_check", "recipe": full})
     two = _launch(2, spec, tmp / "out2")
     one_spec = [
         {"name": "fpo_1rank", "action": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
-        {"name": "rank1_micro2", "action": "train+dump", "recipe": _recipe(tmp, g, "r1m2", **inv),
-         "overrides": ["train.micro_batch_size=2"]},
+        {
+            "name": "rank1_micro2",
+            "action": "train+dump",
+            "recipe": _recipe(tmp, g, "r1m2", **inv),
+            "overrides": ["train.micro_batch_size=2"],
+        },
         {"name": "rank1_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r1m1", **inv)},
     ]
     one = _launch(1, one_spec, tmp / "out1")
@@ -143,7 +192,10 @@ def test_offline_reference_matches_live(runs):
     assert runs["two"]["offline"]["reference"] == "Reader"  # no reference model was loaded
     assert runs["two"]["gemma2-dpo"]["reference"] == "DeepSpeedEngine"
     manifest = json.loads((runs["tmp"] / "cache" / "manifest.json").read_text())
-    assert [p["file"] for p in manifest["parts"]] == ["part-00000-of-00002.safetensors", "part-00001-of-00002.safetensors"]
+    assert [p["file"] for p in manifest["parts"]] == [
+        "part-00000-of-00002.safetensors",
+        "part-00001-of-00002.safetensors",
+    ]
     assert sum(p["rows"] for p in manifest["parts"]) == 32
 
 
@@ -158,9 +210,21 @@ def test_metrics_jsonl_written_per_step(runs):
     lines = (runs["tmp"] / "runs" / "gemma2-dpo" / "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert [r["step"] for r in recs] == [1, 2, 3]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
-                "step_time_s", "peak_mem_mib"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "samples_per_s",
+        "step_time_s",
+        "peak_mem_mib",
+    ):
         assert key in recs[0]
     assert (runs["tmp"] / "runs" / "gemma2-dpo" / "recipe.yaml").is_file()
 
