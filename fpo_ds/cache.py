@@ -288,8 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fpo-ds build-cache", description="build the offline reference cache")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
     build(C.load(args.recipe, args.overrides))
+    dist.shutdown(0)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,92 @@
-"""Rank discovery and rank-0 printing.
+"""Rank discovery (one place for every launcher), rank-0 printing, and failure reporting.
 
-Under torchrun and the `deepspeed` launcher the usual variables (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are set; a plain `python` run is world size 1.
+Sources, first match wins; variables already in the environment always win over discovery:
+  1. torchrun / torch elastic / the `deepspeed` launcher: RANK, WORLD_SIZE, LOCAL_RANK set.
+  2. srun (one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR is the
+     first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, MASTER_PORT from the job id.
+     Read per task at run time, never expanded once in the batch shell.
+  3. mpirun (Open MPI / MPICH via mpi4py): rank and size from MPI; rank 0's address is
+     broadcast over MPI.
+  4. none: a single process.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
+import subprocess
 import sys
+import traceback
+from typing import NamedTuple
+
+
+class Topology(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str
+
+
+def _slurm_master() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0]  # a single plain hostname needs no expansion
+
+
+def _port_from_job(job_id: str) -> int:
+    # Deterministic per job (all tasks agree) and spread over 20000 ports to avoid clashes
+    # between jobs sharing a node.
+    return 20000 + int(job_id) % 20000 if job_id.isdigit() else 29500
+
+
+def _own_address() -> str:
+    """This host's address as the other hosts resolve its name."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def discover(env: dict | None = None) -> Topology:
+    """Resolve the topology without side effects (env defaults to os.environ)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        source = "torchrun/deepspeed"
+        rank, local = int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        source = "slurm"
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", "0"))
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_STEP_TASKS_PER_NODE", "1")).split("(")[0])
+        addr = env.get("MASTER_ADDR") or _slurm_master()
+        port = int(env.get("MASTER_PORT") or _port_from_job(env.get("SLURM_JOB_ID", "")))
+    elif "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        source = "mpi"
+        rank, world = comm.Get_rank(), comm.Get_size()
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0")))
+        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("MPI_LOCALNRANKS", "1")))
+        addr = env.get("MASTER_ADDR") or comm.bcast(_own_address() if rank == 0 else None, root=0)
+        port = int(env.get("MASTER_PORT") or 29500)
+    else:
+        source = "single process"
+        rank, world, local, local_world = 0, 1, 0, 1
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))
+    return Topology(rank, world, local, local_world, addr, port, source)
 
 
 def rank() -> int:
@@ -30,19 +108,59 @@ def log(*msg: object) -> None:
 
 
 def log_all(*msg: object) -> None:
-    """Print on every rank, prefixed with the rank (for errors that concern one rank)."""
-    print(f"[rank {rank()}]", *msg, file=sys.stderr, flush=True)
+    """Print on every rank, prefixed with host and rank (for errors that concern one rank)."""
+    print(f"[{socket.gethostname()} rank {rank()}]", *msg, file=sys.stderr, flush=True)
 
 
-def init(timeout_minutes: int) -> None:
-    """Start torch.distributed through DeepSpeed with a collective timeout (no endless hangs)."""
+def _report_failure(exc_type, exc, tb) -> None:
+    log_all(f"FAILED: {exc_type.__name__}: {exc}")
+    traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+
+
+def init(timeout_minutes: int) -> Topology:
+    """Discover the topology, export it, start torch.distributed through DeepSpeed (with a timeout)."""
     import deepspeed
+    import torch.distributed as tdist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
+    sys.excepthook = _report_failure  # every rank names itself when it dies
+    topo = discover()
+    os.environ.update(
+        RANK=str(topo.rank),
+        WORLD_SIZE=str(topo.world_size),
+        LOCAL_RANK=str(topo.local_rank),
+        LOCAL_WORLD_SIZE=str(topo.local_world_size),
+        LOCAL_SIZE=str(topo.local_world_size),  # DeepSpeed's CPU accelerator reads this name
+        MASTER_ADDR=topo.master_addr,
+        MASTER_PORT=str(topo.master_port),
+    )
+    if tdist.is_initialized():
+        return topo
     deepspeed.init_distributed(
         dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False
     )
+    log_all(f"rank {topo.rank}/{topo.world_size} (local {topo.local_rank}/{topo.local_world_size}) up")
+    nodes = max(1, topo.world_size // max(1, topo.local_world_size))
+    log(
+        f"topology ({topo.source}): world {topo.world_size}, {nodes} node(s) x {topo.local_world_size} rank(s), "
+        f"master {topo.master_addr}:{topo.master_port}, backend {tdist.get_backend()}"
+    )
+    return topo
+
+
+def shutdown(code: int) -> None:
+    """End an entry point: leave the process group together, finalise MPI if used, exit with `code`.
+
+    Interpreter teardown is skipped: a communication thread that still owns a tensor can abort
+    the process while Python finalises (seen with gloo under mpirun), turning success into a crash.
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.barrier()  # no rank tears down gloo/NCCL while a peer is still in a collective
+        tdist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

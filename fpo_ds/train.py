@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import time
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -169,12 +171,40 @@ def train_step(s: Setup, step: int) -> dict[str, float]:
     return m
 
 
-def run(recipe: C.Recipe) -> tuple[list[dict], Setup]:
-    """Train per the recipe; returns this run's step metrics (identical on every rank) and its set-up."""
+class Preemption:
+    """Stop cleanly on SIGUSR1 (Slurm's --signal, before the time limit) or SIGTERM (preemption).
+
+    The current step finishes, every rank checkpoints, and the process exits with EXIT_REQUEUE.
+    """
+
+    EXIT_REQUEUE = 75  # EX_TEMPFAIL: slurm/train.sh requeues the job on this code
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._catch)
+
+    def _catch(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, device: str) -> bool:
+        """Collective: ranks may get the signal at different steps; stop when any rank got it."""
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Result(NamedTuple):
+    history: list[dict]  # this run's step metrics (identical on every rank)
+    setup: Setup
+    preempted: bool
+
+
+def run(recipe: C.Recipe) -> Result:
+    """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
+    stop = Preemption()
     s = setup(recipe)
     if dist.rank() == 0:
-        from pathlib import Path
-
         Path(recipe.output.dir).mkdir(parents=True, exist_ok=True)
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
     start = 0
@@ -184,26 +214,32 @@ def run(recipe: C.Recipe) -> tuple[list[dict], Setup]:
         start = client["step"]
         dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
     writer = metrics.Writer(recipe.output.dir, recipe.logging, s.total_steps, C.to_dict(recipe))
-    history = []
+    history, preempted = [], False
     for step in range(start, s.total_steps):
         m = train_step(s, step)
         history.append({"step": step + 1, **m})
         writer.write(step + 1, m, start)
-        every = recipe.output.save_every
-        if (every and (step + 1) % every == 0) or step + 1 == s.total_steps:
-            client = {"step": step + 1, "consumed_samples": (step + 1) * recipe.train.global_batch_size}
-            checkpoint.save(s.engine, recipe, step + 1, client, s.model_config, s.tokenizer)
+        every, done = recipe.output.save_every, step + 1
+        preempted = stop.agreed(s.device)
+        if (every and done % every == 0) or done == s.total_steps or preempted:
+            client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size}
+            checkpoint.save(s.engine, recipe, done, client, s.model_config, s.tokenizer)
+        if preempted:
+            dist.log(f"preempted ({stop.signal or 'signal on another rank'}) after step {done}: checkpoint saved")
+            break
     writer.close()
-    return history, s
+    return Result(history, s, preempted)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fpo-ds train", description=__doc__.splitlines()[0])
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-6")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
     recipe = C.load(args.recipe, args.overrides)
-    run(recipe)
+    result = run(recipe)
+    dist.shutdown(Preemption.EXIT_REQUEUE if result.preempted else 0)
 
 
 if __name__ == "__main__":

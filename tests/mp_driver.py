@@ -49,7 +49,7 @@ def main(spec_path: str, out_dir: str) -> None:
             cache.build(recipe)
             results[item["name"]] = {"ok": True}
             continue
-        history, s = train.run(recipe)
+        history, s, _ = train.run(recipe)
         results[item["name"]] = {"history": history, "reference": type(s.reference).__name__}
         if item["action"] == "train+dump":
             state = gathered_state(s.engine)

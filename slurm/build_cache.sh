@@ -1,0 +1,13 @@
+#!/bin/bash
+# Build the offline reference cache with the same layout and launcher as training:
+#   sbatch slurm/build_cache.sh RECIPE [key=value ...]   (same --nodes as the training job)
+#SBATCH --job-name=fpo-ds-cache
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+exec "${FPO_DS_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/run_step.sh" fpo_ds.cache "$@"

@@ -1,0 +1,19 @@
+#!/bin/bash
+# Two test "hosts" on one machine: network namespaces fpo-node1/fpo-node2 joined by one veth
+# pair on a private test subnet (10.77.0.0/24) that routes nowhere else. Idempotent. Root only.
+set -euo pipefail
+for i in 1 2; do
+  ip netns add "fpo-node$i" 2>/dev/null || true
+  ip -n "fpo-node$i" link set lo up
+done
+if ! ip -n fpo-node1 link show eth0 >/dev/null 2>&1; then
+  ip link add fpo-veth1 netns fpo-node1 type veth peer name fpo-veth2 netns fpo-node2
+  ip -n fpo-node1 link set fpo-veth1 name eth0
+  ip -n fpo-node2 link set fpo-veth2 name eth0
+  ip -n fpo-node1 addr add 10.77.0.1/24 dev eth0
+  ip -n fpo-node2 addr add 10.77.0.2/24 dev eth0
+  ip -n fpo-node1 link set eth0 up
+  ip -n fpo-node2 link set eth0 up
+fi
+ip -n fpo-node1 -4 addr show eth0 | grep -q 10.77.0.1
+echo "fpo-node1 10.77.0.1 <-> fpo-node2 10.77.0.2"
