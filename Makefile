@@ -25,8 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 NPROC ?= 2
 demo: install
-	test -f runs/tiny-world/model/config.json || $(BIN)/fpo-ds toy runs/tiny-world
-	$(BIN)/torchrun --nproc_per_node $(NPROC) -m fpo_ds.train recipes/tiny.yaml
+	$(BIN)/fpo-ds demo --out runs/demo --nproc $(NPROC)
 
 test: install
 	$(BIN)/ruff check fpo_ds tests

@@ -140,7 +140,7 @@ def build(recipe: C.Recipe) -> Path:
     tmp = final.with_name(final.name + ".partial")
     t, device = recipe.train, get_accelerator().current_device_name()
     ds_cfg = M.deepspeed_config(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world)
-    tok = M.load_tokenizer(recipe.model)
+    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
     pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
     positions = rank_positions(len(pairs), recipe, rank, world)
     encoder = layer = None

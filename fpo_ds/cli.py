@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
         train.main(argv[1:])
         return 0
+    if argv[:1] == ["demo"]:
+        from fpo_ds import demo
+
+        demo.main(argv[1:])
+        return 0
     if argv[:1] == ["build-cache"]:
         from fpo_ds import cache
 
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train a recipe (run under torchrun / deepspeed / srun)")
     sub.add_parser("build-cache", help="run the reference once and write the offline cache (same launchers)")
+    sub.add_parser("demo", help="the whole pipeline on the embedded tiny world (CPU, minutes)")
     v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")

@@ -119,13 +119,13 @@ def load_config(model_cfg):
     return AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
 
 
-def load_tokenizer(model_cfg):
+def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     if tok.chat_template is None:
         raise ValueError(
-            f"model.name_or_path: the tokenizer of {model_cfg.name_or_path} has no chat template; "
+            f"model.name_or_path: the tokenizer of {name_or_path} has no chat template; "
             "use an instruction/SFT checkpoint or one whose tokenizer_config sets chat_template"
         )
     if tok.pad_token_id is None:

@@ -45,22 +45,21 @@ def registry_problems(release: str, sae_id: str) -> list[str]:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_sae(sae_cfg, dtype: str = "float32"):
-    """A frozen sae-lens SAE on CPU: a published one (release/sae_id) or a `save_model` directory.
+def load_sae(path: str | None = None, release: str | None = None, sae_id: str | None = None, dtype: str = "float32"):
+    """A frozen sae-lens SAE on CPU: a `save_model` directory, or a published one (release, sae_id).
 
-    Import this module's sae_lens use *before* any deepspeed.zero.Init (sae-lens fails to
-    import after one has run).
+    sae-lens must be imported before any deepspeed.zero.Init in the process (it fails after one).
     """
     from sae_lens import SAE
 
-    if sae_cfg.path:
-        if not (Path(sae_cfg.path) / "cfg.json").is_file():
+    if path:
+        if not (Path(path) / "cfg.json").is_file():
             raise FileNotFoundError(
-                f"sae.path: {sae_cfg.path} has no cfg.json; expected a directory written by sae-lens `save_model`"
+                f"sae.path: {path} has no cfg.json; expected a directory written by sae-lens `save_model`"
             )
-        sae = SAE.load_from_disk(sae_cfg.path, device="cpu", dtype=dtype)
+        sae = SAE.load_from_disk(path, device="cpu", dtype=dtype)
     else:
-        sae = SAE.from_pretrained(sae_cfg.release, sae_cfg.sae_id, device="cpu", dtype=dtype)
+        sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype=dtype)
     sae.requires_grad_(False)
     sae.eval()
     return sae
@@ -234,7 +233,7 @@ class ShardedEncoder:
 
 def sharded_encoder(sae_cfg, model_config, rank: int, world: int, device) -> tuple[ShardedEncoder, int]:
     """Load the recipe's SAE, check it fits the model, keep only this rank's slice. Returns (encoder, layer)."""
-    sae = load_sae(sae_cfg)
+    sae = load_sae(sae_cfg.path, sae_cfg.release, sae_cfg.sae_id)
     source = f"sae ({sae_cfg.path or f'{sae_cfg.release}/{sae_cfg.sae_id}'})"
     layer = check_against_model(sae, model_config, source)
     if sae_cfg.k > sae.cfg.d_sae:

@@ -1,10 +1,11 @@
 """The embedded tiny world: a toy preference task, a locally trained tokenizer, tiny models.
 
-Nothing here downloads anything. `write_world` produces a directory that the ordinary
+The task: repeat a digit sequence (the judge checks the copy). Nothing here downloads anything. `write_world` produces a directory that the ordinary
 recipe machinery loads like any real model and dataset:
 
     world/model/   config.json, model.safetensors, tokenizer files (with a chat template)
     world/data/    train.jsonl, eval.jsonl  (prompt, chosen, rejected strings)
+                   sft.jsonl  (demonstrations for SFT, `chosen` only, 30% of them wrong)
 """
 
 from __future__ import annotations
@@ -22,27 +23,37 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def arithmetic_pair(rng: random.Random) -> dict:
-    """One pair: chosen states the right sum, rejected a near miss. The judge is `judge`."""
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
-    return {
-        "prompt": f"What is {a} + {b}?",
-        "chosen": f"The answer is {a + b}.",
-        "rejected": f"The answer is {wrong}.",
-    }
+def repeat_pair(rng: random.Random) -> dict:
+    """One pair: repeat a digit sequence. Chosen copies it; rejected alters one digit, drops or swaps."""
+    digits = [str(rng.randint(0, 9)) for _ in range(4)]
+    wrong = list(digits)
+    kind = rng.choice(["change", "drop", "swap"])
+    i = rng.randrange(len(wrong) - 1)
+    if kind == "change":
+        wrong[i] = str((int(wrong[i]) + rng.randint(1, 9)) % 10)
+    elif kind == "drop":
+        del wrong[i]
+    else:
+        wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+        if wrong == digits:
+            wrong[i] = str((int(wrong[i]) + 1) % 10)
+    return {"prompt": "Repeat: " + " ".join(digits), "chosen": " ".join(digits), "rejected": " ".join(wrong)}
 
 
 def judge(prompt: str, response: str) -> bool:
-    """True when the response states the correct sum of the prompt's two numbers."""
-    nums = [int(t) for t in prompt.replace("?", " ").split() if t.isdigit()]
-    digits = "".join(ch if ch.isdigit() else " " for ch in response).split()
-    return len(nums) == 2 and bool(digits) and int(digits[0]) == sum(nums)
+    """True when the response repeats the prompt's digits exactly, in order."""
+    want = [t for t in prompt.split(":", 1)[-1].split() if t.isdigit()]
+    return response.split() == want
 
 
-def toy_pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [arithmetic_pair(rng) for _ in range(n)]
+def toy_pairs(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """N pairs whose prompts are not in `exclude` (held-out sets never share a prompt with training)."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        pair = repeat_pair(rng)
+        if pair["prompt"] not in exclude:
+            out.append(pair)
+    return out
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 384):
@@ -99,15 +110,20 @@ def write_world(out: str | Path, arch: str = "gemma2", n_train: int = 512, n_eva
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
-    train, evals = toy_pairs(n_train, seed), toy_pairs(n_eval, seed + 1)
+    train = toy_pairs(n_train, seed)
+    evals = toy_pairs(n_eval, seed + 1, exclude={p["prompt"] for p in train})
     texts = [p[k] for p in train for k in ("prompt", "chosen", "rejected")] + ["user", "model"]
     tok = build_tokenizer(texts)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), tok))
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
+    # The SFT demonstrator is imperfect: 30% of its demonstrations are the corrupted answer, so
+    # the SFT model (the reference) copies imperfectly and preference training has work to do.
+    rng = random.Random(seed + 2)
+    sft = [dict(p, chosen=p["rejected"], rejected=p["chosen"]) if rng.random() < 0.3 else p for p in train]
     (out / "data").mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("eval", evals)):
+    for name, rows in (("train", train), ("eval", evals), ("sft", sft)):
         with open(out / "data" / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return out

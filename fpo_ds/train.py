@@ -7,6 +7,7 @@ Run under any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_P
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import time
@@ -88,7 +89,7 @@ def setup(recipe: C.Recipe) -> Setup:
     )
     ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
     device = get_accelerator().current_device_name()
-    tok = M.load_tokenizer(recipe.model)
+    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
     pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
     steps = total_steps(len(pairs), recipe.train)
     encoder = layer = weights = None
@@ -171,6 +172,30 @@ def train_step(s: Setup, step: int) -> dict[str, float]:
     return m
 
 
+DONE = "DONE.json"  # written last by a run that reached its final step
+
+
+def versions() -> dict:
+    """What produced a run: library versions and the git commit of this checkout (if any)."""
+    import subprocess
+
+    import deepspeed
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": commit or None,
+    }
+
+
 class Preemption:
     """Stop cleanly on SIGUSR1 (Slurm's --signal, before the time limit) or SIGTERM (preemption).
 
@@ -228,6 +253,8 @@ def run(recipe: C.Recipe) -> Result:
             dist.log(f"preempted ({stop.signal or 'signal on another rank'}) after step {done}: checkpoint saved")
             break
     writer.close()
+    if not preempted and dist.rank() == 0:
+        (Path(recipe.output.dir) / DONE).write_text(json.dumps({"steps": s.total_steps, **versions()}))
     return Result(history, s, preempted)
 
 

@@ -303,7 +303,7 @@ def _reader(recipe_path, *overrides):
     from fpo_ds import model as M
 
     recipe = C.load(recipe_path, list(overrides))
-    tok = M.load_tokenizer(recipe.model)
+    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
     _, fp = data.load_pairs(recipe.data, tok)
     return cache.Reader(recipe, tok, fp)
 

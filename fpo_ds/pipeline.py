@@ -1,0 +1,50 @@
+"""Several stages in one distributed launch (saves the launcher start-up per stage).
+
+    torchrun --nproc_per_node 2 -m fpo_ds.pipeline PLAN.json
+
+PLAN.json is a list of {"stage": "train" | "build-cache", "recipe": PATH, "overrides": [...]}.
+Each stage runs through the same code as `fpo-ds train` / `fpo-ds build-cache`; a stage whose
+output is already complete (DONE.json / manifest.json) is skipped, so re-running resumes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("sae_lens"):  # sae-lens must be imported before any zero.Init
+    import sae_lens  # noqa: F401
+
+from fpo_ds import cache, dist, train  # noqa: E402
+from fpo_ds import config as C  # noqa: E402
+
+
+def stage_done(stage: dict) -> bool:
+    recipe = C.load(stage["recipe"], stage.get("overrides", []))
+    if stage["stage"] == "build-cache":
+        return (Path(recipe.cache.dir) / "manifest.json").is_file()
+    return (Path(recipe.output.dir) / train.DONE).is_file()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    plan = json.loads(Path(argv[0]).read_text())
+    code = 0
+    for i, stage in enumerate(plan):
+        if stage_done(stage):
+            dist.log(f"pipeline: stage {i + 1}/{len(plan)} {stage['stage']} {stage['recipe']}: complete, skipped")
+            continue
+        dist.log(f"pipeline: stage {i + 1}/{len(plan)} {stage['stage']} {stage['recipe']} {stage.get('overrides', [])}")
+        recipe = C.load(stage["recipe"], stage.get("overrides", []))
+        if stage["stage"] == "build-cache":
+            cache.build(recipe)
+        elif train.run(recipe).preempted:
+            code = train.Preemption.EXIT_REQUEUE
+            break
+    dist.shutdown(code)
+
+
+if __name__ == "__main__":
+    main()
