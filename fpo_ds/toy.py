@@ -1,7 +1,8 @@
 """The embedded tiny world: a toy preference task, a locally trained tokenizer, tiny models.
 
-The task: repeat a digit sequence (the judge checks the copy). Nothing here downloads anything. `write_world` produces a directory that the ordinary
-recipe machinery loads like any real model and dataset:
+The task: repeat a digit sequence (the judge checks the copy). Nothing here downloads anything.
+`write_world` produces a directory that the ordinary recipe machinery loads like any real
+model and dataset:
 
     world/model/   config.json, model.safetensors, tokenizer files (with a chat template)
     world/data/    train.jsonl, eval.jsonl  (prompt, chosen, rejected strings)
