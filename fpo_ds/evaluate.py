@@ -57,8 +57,10 @@ def pair_stats(model, pairs: list[data.Pair], pad_id: int, sae=None, layer: int 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, bs: int = 32) -> list[list[int]]:
-    """Sampled continuations (temperature 1, batched, left-padded); token ids up to the end of turn."""
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, bs: int = 32, temperature: float = 1.0
+) -> list[list[int]]:
+    """Continuations (sampled; greedy at temperature 0), batched and left-padded; ids up to the end of turn."""
     tokenizer.padding_side = "left"
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")} if t is not None]
     stop = [t for t in stop if t != tokenizer.unk_token_id]
@@ -70,16 +72,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: in
             for p in chunk
         ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        sampling = {"do_sample": False}
+        if temperature:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        gen = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id)
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             outs.append(row[:cut])

@@ -81,7 +81,8 @@ def _curves(out: Path, methods: tuple[str, ...], seeds: int) -> Path:
                 ax.plot(range(1, n + 1), [statistics.fmean(c[i] for c in per_seed) for i in range(n)], label=m)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=80)
