@@ -39,6 +39,19 @@ def _export(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from fpo_ds import evaluate, toy
+
+    models = dict(m.split("=", 1) for m in args.model)
+    judge = toy.judge if args.judge == "toy" else None
+    results = evaluate.evaluate(models, args.reference, args.data, args.out, beta=args.beta, sae_path=args.sae,
+                                judge=judge, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    for name, r in results.items():
+        print(name, {k: round(v, 4) for k, v in r.items() if k != "scores"})
+    print(f"generations (instruction/output/generator, for AlpacaEval / Arena-Hard): {args.out}/generations/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -77,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("out")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.set_defaults(fn=_export)
+    ev = sub.add_parser("eval", help="compare models (HF dirs, e.g. exported checkpoints) against their reference")
+    ev.add_argument("--reference", required=True, help="the reference (SFT) model directory")
+    ev.add_argument("--data", required=True, help="held-out preference pairs (.jsonl/.json/.parquet/.arrow)")
+    ev.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a model to evaluate (repeat)")
+    ev.add_argument("--sae", help="SAE directory (sae-lens save_model) for feature drift")
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--beta", type=float, default=0.1)
+    ev.add_argument("--judge", choices=["toy", "none"], default="none")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(fn=_eval)
     args = p.parse_args(argv)
     return args.fn(args)
 
