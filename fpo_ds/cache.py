@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -169,6 +170,7 @@ def build(recipe: C.Recipe) -> Path:
         "feat_dropped_max": [],
     }
     mb = t.micro_batch_size
+    t_start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(positions), mb):
             batch = M.to_device(data.collate([pairs[j] for j in positions[i : i + mb]], tok.pad_token_id), device)
@@ -183,6 +185,7 @@ def build(recipe: C.Recipe) -> Path:
                 cols["feat_dropped_max"].append(_pair_rows(dropped).cpu())
             if (i // mb) % 50 == 0:
                 dist.log(f"build-cache: {i + mb}/{len(positions)} pairs on rank 0")
+    seconds = time.perf_counter() - t_start  # the reference pass (forward, SAE, top-k), before writing
     tensors = {k: torch.cat(v) for k, v in cols.items() if v}
     name = part_name(rank, world)
     save_file(tensors, str(tmp / name))
@@ -199,6 +202,7 @@ def build(recipe: C.Recipe) -> Path:
             "global_batch_size": t.global_batch_size,
             "data_seed": recipe.data.seed,
             "n_pairs": len(pairs),
+            "build_seconds": seconds,
             "parts": entries,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -241,6 +245,7 @@ class Reader:
                 f"{rebuild_hint()}"
             )
         self.rows: dict[int, tuple[int, int]] = {}  # example id -> (table, row)
+        self.read_seconds = 0.0  # time spent in ref_out since the trainer last read it
         self.tables: list[dict[str, torch.Tensor]] = []
         mine = (self.manifest["world_size"], self.manifest["global_batch_size"], self.manifest["data_seed"]) == (
             dist.world_size(),

@@ -44,8 +44,17 @@ def _eval(args) -> int:
 
     models = dict(m.split("=", 1) for m in args.model)
     judge = toy.judge if args.judge == "toy" else None
-    results = evaluate.evaluate(models, args.reference, args.data, args.out, beta=args.beta, sae_path=args.sae,
-                                judge=judge, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    results = evaluate.evaluate(
+        models,
+        args.reference,
+        args.data,
+        args.out,
+        beta=args.beta,
+        sae_path=args.sae,
+        judge=judge,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     for name, r in results.items():
         print(name, {k: round(v, 4) for k, v in r.items() if k != "scores"})
     print(f"generations (instruction/output/generator, for AlpacaEval / Arena-Hard): {args.out}/generations/")
@@ -58,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         from fpo_ds import train
 
         train.main(argv[1:])
+        return 0
+    if argv[:1] == ["bench"]:
+        from fpo_ds import bench
+
+        bench.main(argv[1:])
         return 0
     if argv[:1] == ["demo"]:
         from fpo_ds import demo
@@ -74,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a recipe (run under torchrun / deepspeed / srun)")
     sub.add_parser("build-cache", help="run the reference once and write the offline cache (same launchers)")
     sub.add_parser("demo", help="the whole pipeline on the embedded tiny world (CPU, minutes)")
+    sub.add_parser("bench", help="step time / memory of every method side by side, ratios to SimPO")
     v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")

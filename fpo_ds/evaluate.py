@@ -75,8 +75,9 @@ def generate(
         sampling = {"do_sample": False}
         if temperature:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        gen = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                             pad_token_id=tokenizer.pad_token_id)
+        gen = model.generate(
+            **enc, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id
+        )
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             outs.append(row[:cut])

@@ -134,7 +134,7 @@ class ShardedEncoder:
     """This rank's slice of an SAE encoder: features [lo, hi) of d_sae, never the whole W_enc.
 
     `pooled(h, mask)` is collective. Per call and rank it moves
-        all_gather:  (W-1) * N_max * d_in  values in   (response-token hidden states)
+        all_gather:  (W-1) * N_max * (d_in+1) values in (response-token hidden states + row ids)
         all_to_all:  2 * (W-1) * rows * width values   (pooled feature slices out and back)
     and the same again in backward. `bytes_per_call` reports the last call's volume.
     """
@@ -180,10 +180,11 @@ class ShardedEncoder:
     def local_acts(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d_in) -> (N, width): this rank's feature slice, exactly as sae-lens encodes it."""
         pre = (self._normalise(x.to(self.dtype)) - self.b_dec_in) @ self.W_enc + self.b_enc
+        # Padded columns have zero weights, bias and threshold: pre = 0 there, so they stay 0.
         if self.arch == "standard":
-            return pre.relu() * self.valid
+            return pre.relu()
         if self.arch == "jumprelu":
-            return pre.relu() * (pre > self.threshold).to(pre.dtype) * self.valid
+            return pre.relu() * (pre > self.threshold).to(pre.dtype)
         if self.dec_norm is not None:
             pre = pre * self.dec_norm
         pre = pre.masked_fill(~self.valid, float("-inf"))
@@ -212,13 +213,13 @@ class ShardedEncoder:
         tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
         n_max = int(n.item())
         pad = n_max - tokens.shape[0]
-        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad))
-        row_of = torch.nn.functional.pad(row_of, (0, pad), value=rows)  # padding goes to a spare row
-        all_tokens = _GatherRows.apply(tokens)  # (W, n_max, d_in)
-        all_rows = [torch.empty_like(row_of) for _ in range(self.world)]
-        tdist.all_gather(all_rows, row_of)
-        all_rows = torch.stack(all_rows)  # (W, n_max): which of its rows each token belongs to
-        acts = self.local_acts(all_tokens.reshape(-1, self.d_in))  # (W*n_max, width)
+        # One gather carries each token and, in an extra column, the row it belongs to (exact in
+        # float up to 2^24 rows); padding tokens go to a spare row `rows` that is dropped.
+        row_col = torch.nn.functional.pad(row_of, (0, pad), value=rows).to(tokens.dtype).unsqueeze(1)
+        packed = torch.cat([torch.nn.functional.pad(tokens, (0, 0, 0, pad)), row_col], 1)
+        gathered = _GatherRows.apply(packed)  # (W, n_max, d_in + 1)
+        all_rows = gathered[..., -1].detach().long()  # (W, n_max)
+        acts = self.local_acts(gathered[..., :-1].reshape(-1, self.d_in))  # (W*n_max, width)
         dest = (all_rows + (rows + 1) * torch.arange(self.world, device=h.device).unsqueeze(1)).reshape(-1)
         sums = torch.zeros(self.world * (rows + 1), self.width, dtype=acts.dtype, device=acts.device)
         sums = sums.index_add(0, dest, acts).reshape(self.world, rows + 1, self.width)[:, :rows]
@@ -226,7 +227,7 @@ class ShardedEncoder:
         full = mine.permute(1, 0, 2).reshape(rows, self.world * self.width)[:, : self.d_sae]
         item = h.element_size()
         self.bytes_per_call = (self.world - 1) * (
-            n_max * self.d_in * item + 2 * rows * self.width * acts.element_size()
+            n_max * (self.d_in + 1) * item + 2 * rows * self.width * acts.element_size()
         )
         return full / counts.unsqueeze(1)
 

@@ -74,18 +74,18 @@ def build_tokenizer(texts: list[str], vocab_size: int = 384):
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, tokenizer=None):
+def tiny_config(arch: str, vocab_size: int, tokenizer=None, hidden: int = 64, layers: int = 4):
     """A few-layer model of the given family (gemma2 or llama), small enough for CPU tests."""
     from transformers import Gemma2Config, LlamaConfig
 
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=hidden // 4,
         max_position_embeddings=256,
     )
     if tokenizer is not None:
@@ -95,13 +95,21 @@ def tiny_config(arch: str, vocab_size: int, tokenizer=None):
             eos_token_id=tokenizer.eos_token_id,
         )
     if arch == "gemma2":
-        return Gemma2Config(**common, sliding_window=128, query_pre_attn_scalar=16)
+        return Gemma2Config(**common, sliding_window=128, query_pre_attn_scalar=hidden // 4)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
     raise ValueError(f"unknown tiny arch {arch!r}: use gemma2 or llama")
 
 
-def write_world(out: str | Path, arch: str = "gemma2", n_train: int = 512, n_eval: int = 64, seed: int = 0) -> Path:
+def write_world(
+    out: str | Path,
+    arch: str = "gemma2",
+    n_train: int = 512,
+    n_eval: int = 64,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 4,
+) -> Path:
     """Write tokenizer + random-init tiny model + toy data under `out`; returns `out`.
 
     Runs in one process without DeepSpeed: random init happens here, so training always
@@ -116,7 +124,7 @@ def write_world(out: str | Path, arch: str = "gemma2", n_train: int = 512, n_eva
     texts = [p[k] for p in train for k in ("prompt", "chosen", "rejected")] + ["user", "model"]
     tok = build_tokenizer(texts)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), tok))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), tok, hidden, layers))
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     # The SFT demonstrator is imperfect: 30% of its demonstrations are the corrupted answer, so

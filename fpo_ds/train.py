@@ -128,7 +128,10 @@ def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
     if s.objective.reference == "none":
         return None
     if s.objective.reference == "offline":
-        return s.reference.ref_out(batch.example_ids)
+        t0 = time.perf_counter()
+        ref = s.reference.ref_out(batch.example_ids)
+        s.reference.read_seconds += time.perf_counter() - t0  # host-side work only: no device sync
+        return ref
     with torch.no_grad():
         out = M.sequence_logps(s.reference, batch, keep_logits=s.objective.keep_logits)
     return objective.RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
@@ -160,6 +163,8 @@ def train_step(s: Setup, step: int) -> dict[str, float]:
     dt = time.time() - t0
     if s.encoder is not None:  # forward and backward each move the same volume
         m["fpo/sae_comm_bytes_per_step"] = 2.0 * s.encoder.bytes_per_call * len(sums)
+    if s.objective.reference == "offline":
+        m["time/cache_read_s"], s.reference.read_seconds = s.reference.read_seconds, 0.0
     tokens = m.pop("tokens")
     m.update(
         lr=lr,
