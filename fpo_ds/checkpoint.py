@@ -52,17 +52,27 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
     if dist.rank() == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover partial save of the same step
     tdist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
-    tdist.barrier()
-    if dist.rank() == 0:
-        model_config.save_pretrained(tag_dir / "hf")
-        tokenizer.save_pretrained(tag_dir / "hf")
-        C.dump(recipe, tag_dir / "recipe.yaml")
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "world_size": dist.world_size(), "files": files}))
-        _atomic_write(ckpt_root / "latest", tag)
-        _prune(ckpt_root, recipe.output.keep_last)
+    try:
+        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
+        if os.environ.get("FPO_DS_FAULT_DIE_IN_SAVE") == str(step):  # test hook: every rank dies mid-save
+            os._exit(137)
+        tdist.barrier()  # every rank's files are written before the marker says so
+        if dist.rank() == 0:
+            model_config.save_pretrained(tag_dir / "hf")
+            tokenizer.save_pretrained(tag_dir / "hf")
+            C.dump(recipe, tag_dir / "recipe.yaml")
+            files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+            _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "world_size": dist.world_size(), "files": files}))
+            _atomic_write(ckpt_root / "latest", tag)
+            _prune(ckpt_root, recipe.output.keep_last)
+    except (OSError, RuntimeError) as e:
+        good = complete_tags(ckpt_root)
+        raise OSError(
+            f"saving checkpoint {tag_dir} failed on rank {dist.rank()}: {e}. That directory has no {MARKER} and "
+            f"is ignored; the newest complete checkpoint ({good[-1] if good else 'none'}) is intact. Free disk "
+            "space (or move output.dir) and rerun: output.resume=auto continues from it"
+        ) from None
     tdist.barrier()
     return tag_dir
 

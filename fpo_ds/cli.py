@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
         train.main(argv[1:])
         return 0
+    if argv[:1] == ["plan"]:
+        from fpo_ds import plan
+
+        plan.main(argv[1:])
+        return 0
     if argv[:1] == ["bench"]:
         from fpo_ds import bench
 
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build-cache", help="run the reference once and write the offline cache (same launchers)")
     sub.add_parser("demo", help="the whole pipeline on the embedded tiny world (CPU, minutes)")
     sub.add_parser("bench", help="step time / memory of every method side by side, ratios to SimPO")
+    sub.add_parser("plan", help="per-GPU memory estimate for a recipe on N nodes x G GPUs, and what to change")
     v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")

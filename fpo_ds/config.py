@@ -124,6 +124,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None
     seed: int = 42
+    max_nonfinite_steps: int = 5
+    """Halt after this many optimizer steps in a row skipped for a non-finite loss."""
 
 
 @dataclass(frozen=True)

@@ -58,13 +58,49 @@ def load_rows(path: str, split: str):
     if p.suffix in LOCAL_BUILDERS:
         if not p.is_file():
             raise FileNotFoundError(f"data.path: {p} does not exist")
-        return datasets.load_dataset(LOCAL_BUILDERS[p.suffix], data_files=str(p), split="train")
+        if p.stat().st_size == 0:
+            raise ValueError(f"data.path: {p} is empty; point data.path at a file with preference rows")
+        if p.suffix == ".jsonl":
+            check_jsonl(p)
+        try:
+            return datasets.load_dataset(LOCAL_BUILDERS[p.suffix], data_files=str(p), split="train")
+        except Exception as e:  # datasets/pyarrow errors: say which file and why, not a deep traceback
+            cause = e.__cause__ or e
+            raise ValueError(
+                f"data.path: {p} could not be read as {LOCAL_BUILDERS[p.suffix]}: {type(cause).__name__}: {cause}. "
+                "Fix or regenerate the file"
+            ) from None
     if p.suffix or "/" not in path:
         raise ValueError(
             f"data.path: {path!r} is neither a local .jsonl/.json/.parquet/.arrow file, a saved dataset "
             "directory, nor a hub dataset name like HuggingFaceH4/ultrafeedback_binarized"
         )
     return datasets.load_dataset(path, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized, train_prefs
+
+
+def check_jsonl(path: Path) -> None:
+    """Every line UTF-8 and one JSON object; the error names the first bad lines."""
+    import json
+
+    bad = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                if not isinstance(json.loads(raw.decode("utf-8")), dict):
+                    bad.append(f"line {n}: not a JSON object")
+            except UnicodeDecodeError as e:
+                bad.append(f"line {n}: not UTF-8 ({e.reason} at byte {e.start})")
+            except json.JSONDecodeError as e:
+                bad.append(f"line {n}: invalid JSON ({e.msg}, column {e.colno})")
+            if len(bad) >= 5:
+                break
+    if bad:
+        raise ValueError(
+            f"data.path: {path} has malformed lines: {'; '.join(bad)}. Each line must be one UTF-8 JSON object "
+            "with prompt/chosen/rejected; fix or delete those lines"
+        )
 
 
 # ----------------------------------------------------------------------------- rows -> messages
@@ -99,9 +135,12 @@ def normalise(row: dict) -> tuple[list[dict], str, str]:
         raw_prompt = row.get("prompt")
         if raw_prompt is None:
             raise BadRow("missing_field", "prompt")
-        prompt = _messages(raw_prompt, "prompt") if isinstance(raw_prompt, list) else raw_prompt
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(raw_prompt, list):
+            prompt = _messages(raw_prompt, "prompt")
+        elif isinstance(raw_prompt, str):
+            prompt = [{"role": "user", "content": raw_prompt}]
+        else:
+            raise BadRow("non_string_prompt", f"prompt is {type(raw_prompt).__name__}")
     if not prompt or not isinstance(prompt, list) or not any(m["content"].strip() for m in prompt):
         raise BadRow("empty_prompt")
     for key, text in (("chosen", chosen), ("rejected", rejected)):

@@ -112,9 +112,15 @@ def log_all(*msg: object) -> None:
     print(f"[{socket.gethostname()} rank {rank()}]", *msg, file=sys.stderr, flush=True)
 
 
+# Raised by fpo-ds for bad input (recipe, data, cache, checkpoint): their message is the whole
+# story, so no traceback is printed unless FPO_DS_TRACEBACK=1.
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+
+
 def _report_failure(exc_type, exc, tb) -> None:
     log_all(f"FAILED: {exc_type.__name__}: {exc}")
-    traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+    if not issubclass(exc_type, USER_ERRORS) or os.environ.get("FPO_DS_TRACEBACK") == "1":
+        traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
 
 
 def init(timeout_minutes: int) -> Topology:

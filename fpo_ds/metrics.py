@@ -8,6 +8,7 @@ step_time_s, peak_mem_mib); TensorBoard and Weights & Biases (offline works) on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -57,6 +58,16 @@ def peak_mem_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def truncate(path: Path, last_step: int) -> None:
+    """Drop records after `last_step` (a run resumed from an earlier checkpoint logs those steps again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 class Writer:
     """Rank-0 sink for step metrics (jsonl always; TensorBoard / W&B when asked)."""
 
@@ -80,7 +91,8 @@ class Writer:
     def write(self, step: int, metrics: dict[str, float], first_step: int) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **metrics}
+        # Strict JSON: a skipped step's non-finite values are written as null.
+        record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb:
@@ -95,8 +107,9 @@ class Writer:
         done = step - first_step
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
         line = (
-            f"step {step}/{self.total} loss {m['loss']:.4f} margin {m['rewards/margins']:.4f} "
-            f"acc {m['rewards/accuracies']:.2f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s eta {eta:.0f}s"
+            f"step {step}/{self.total} loss {m['loss']:.4f} margin {m.get('rewards/margins', math.nan):.4f} "
+            f"acc {m.get('rewards/accuracies', math.nan):.2f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s "
+            f"eta {eta:.0f}s"
         )
         if self.cfg.progress_bar:
             width = 20

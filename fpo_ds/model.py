@@ -102,6 +102,7 @@ def load_model(model_cfg, ds_cfg: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     _preload_model_code()
+    check_model_path(model_cfg.name_or_path)
     keepalive = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 and model_cfg.zero_init else None
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.name_or_path,
@@ -113,7 +114,18 @@ def load_model(model_cfg, ds_cfg: dict):
     return model, keepalive
 
 
+def check_model_path(name_or_path: str) -> None:
+    """A local-looking path that does not exist is a typo, not a hub id: say so before the hub is tried."""
+    p = Path(name_or_path)
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local and not p.exists():
+        raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist (a local directory was expected)")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path: {name_or_path} has no config.json (not a save_pretrained dir)")
+
+
 def load_config(model_cfg):
+    check_model_path(model_cfg.name_or_path)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
@@ -122,6 +134,7 @@ def load_config(model_cfg):
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    check_model_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     if tok.chat_template is None:
         raise ValueError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -137,12 +138,31 @@ def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
     return objective.RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
 
 
-def micro_step(s: Setup, batch: data.Batch) -> dict[str, torch.Tensor]:
-    """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums."""
+def _fault_nan_steps() -> set[int]:
+    """Test hook (fault injection): FPO_DS_FAULT_NAN_STEPS=3,4 makes rank 1's loss NaN at those steps."""
+    raw = os.environ.get("FPO_DS_FAULT_NAN_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()} if dist.rank() == min(1, dist.world_size() - 1) else set()
+
+
+def micro_step(s: Setup, batch: data.Batch, poison: bool = False) -> dict[str, torch.Tensor] | None:
+    """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums.
+
+    If the loss is non-finite on any rank, every rank skips this backward, the optimizer step
+    runs at lr 0 (weights unchanged) and None is returned.
+    """
     batch = M.to_device(batch, s.device)
     ref = reference_out(s, batch)
     pol = M.sequence_logps(s.engine, batch, s.objective.keep_logits, s.tap, s.encoder)
     out = s.objective.fn(pol, ref)
+    if poison:
+        out = out._replace(losses=out.losses * float("nan"))
+    bad = (~torch.isfinite(out.losses.detach()).all()).float().reshape(1)
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # ranks decide together
+    if bad.item():
+        for group in s.engine.optimizer.param_groups:
+            group["lr"] = 0.0  # the scheduler sets it again after this optimizer step
+        s.engine.step()  # keeps DeepSpeed's micro-step count (and the boundary) in line
+        return None
     s.engine.backward(out.losses.mean())
     s.engine.step()
     sums = metrics.pair_metrics(out, pol.sum_logps)
@@ -150,16 +170,20 @@ def micro_step(s: Setup, batch: data.Batch) -> dict[str, torch.Tensor]:
     return sums
 
 
-def train_step(s: Setup, step: int) -> dict[str, float]:
-    """One optimizer step (all micro-batches of this rank's share of the global batch)."""
+def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int]]:
+    """One optimizer step (this rank's share of the global batch); returns metrics and skipped pair ids."""
     t0, lr = time.time(), s.engine.get_lr()[0]
     r, t = s.recipe, s.recipe.train
     idx = data.step_indices(len(s.pairs), r.data.seed, step, t.global_batch_size, dist.rank(), dist.world_size())
-    sums = []
+    sums, skipped, poison = [], [], step + 1 in _fault_nan_steps()
     for i in range(0, len(idx), t.micro_batch_size):
-        batch = data.collate([s.pairs[j] for j in idx[i : i + t.micro_batch_size]], s.tokenizer.pad_token_id)
-        sums.append(micro_step(s, batch))
-    m = metrics.reduce(sums, s.device)
+        chunk = [s.pairs[j] for j in idx[i : i + t.micro_batch_size]]
+        got = micro_step(s, data.collate(chunk, s.tokenizer.pad_token_id), poison)
+        if got is None:
+            skipped += [p.example_id for p in chunk]
+        else:
+            sums.append(got)
+    m = metrics.reduce(sums, s.device) if sums else {"loss": float("nan"), "tokens": 0.0}
     dt = time.time() - t0
     if s.encoder is not None:  # forward and backward each move the same volume
         m["fpo/sae_comm_bytes_per_step"] = 2.0 * s.encoder.bytes_per_call * len(sums)
@@ -167,14 +191,20 @@ def train_step(s: Setup, step: int) -> dict[str, float]:
         m["time/cache_read_s"], s.reference.read_seconds = s.reference.read_seconds, 0.0
     tokens = m.pop("tokens")
     m.update(
-        lr=lr,
+        lr=0.0 if skipped else lr,
         grad_norm=float(s.engine.get_global_grad_norm() or 0.0),
         tokens_per_s=tokens / dt,
         samples_per_s=t.global_batch_size / dt,
         step_time_s=dt,
         peak_mem_mib=metrics.peak_mem_mib(),
     )
-    return m
+    if not skipped and not math.isfinite(m["grad_norm"]):
+        raise FloatingPointError(
+            f"step {step + 1}: gradient norm is {m['grad_norm']} with a finite loss; the weights are no longer "
+            "finite, so training stops before any checkpoint is written. Resume from the last checkpoint "
+            "(output.resume=auto) with a lower train.lr or fp32"
+        )
+    return m, skipped
 
 
 DONE = "DONE.json"  # written last by a run that reached its final step
@@ -224,6 +254,12 @@ class Preemption:
         return bool(flag.item())
 
 
+def _gather_lists(items: list) -> list[list]:
+    out = [None] * dist.world_size()
+    torch.distributed.all_gather_object(out, items)
+    return out
+
+
 class Result(NamedTuple):
     history: list[dict]  # this run's step metrics (identical on every rank)
     setup: Setup
@@ -243,10 +279,28 @@ def run(recipe: C.Recipe) -> Result:
         client = checkpoint.load(s.engine, resume_dir)
         start = client["step"]
         dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
+    if dist.rank() == 0:
+        metrics.truncate(Path(recipe.output.dir) / "metrics.jsonl", start)  # a resume replays steps > start
+        info = {"recipe": C.to_dict(recipe), "world_size": dist.world_size(), "resumed_from": str(resume_dir or ""),
+                "start_step": start, "total_steps": s.total_steps, **versions()}
+        if s.objective.reference == "offline":
+            info["cache_fingerprints"] = s.reference.manifest["fingerprints"]
+        (Path(recipe.output.dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     writer = metrics.Writer(recipe.output.dir, recipe.logging, s.total_steps, C.to_dict(recipe))
-    history, preempted = [], False
+    history, preempted, bad_run, bad_total = [], False, 0, 0
     for step in range(start, s.total_steps):
-        m = train_step(s, step)
+        m, skipped = train_step(s, step)
+        bad_run = bad_run + 1 if skipped else 0
+        bad_total += bool(skipped)
+        m["nonfinite_skipped_steps"] = bad_total
+        if skipped:
+            ids = sorted(set(sum(_gather_lists(skipped), [])))
+            dist.log(f"step {step + 1}: non-finite loss; step skipped (weights unchanged). Pair ids: {ids[:20]}")
+            if bad_run >= recipe.train.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{bad_run} steps in a row with a non-finite loss (last: step {step + 1}, pair ids {ids[:20]}); "
+                    "stopping (train.max_nonfinite_steps). Check those rows, lower train.lr, or use fp32"
+                )
         history.append({"step": step + 1, **m})
         writer.write(step + 1, m, start)
         every, done = recipe.output.save_every, step + 1
