@@ -68,8 +68,10 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
             _prune(ckpt_root, recipe.output.keep_last)
     except (OSError, RuntimeError) as e:
         good = complete_tags(ckpt_root)
+        free = shutil.disk_usage(ckpt_root).free / 2**20
         raise OSError(
-            f"saving checkpoint {tag_dir} failed on rank {dist.rank()}: {e}. That directory has no {MARKER} and "
+            f"saving checkpoint {tag_dir} failed on rank {dist.rank()} ({free:.1f} MiB free on that disk): {e}. "
+            f"That directory has no {MARKER} and "
             f"is ignored; the newest complete checkpoint ({good[-1] if good else 'none'}) is intact. Free disk "
             "space (or move output.dir) and rerun: output.resume=auto continues from it"
         ) from None

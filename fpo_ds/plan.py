@@ -36,8 +36,13 @@ def model_numbers(model_cfg) -> dict:
         model = AutoModelForCausalLM.from_config(cfg)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return {"params": sum(p.numel() for p in model.parameters()), "largest_layer": largest,
-            "hidden": text.hidden_size, "layers": text.num_hidden_layers, "vocab": text.vocab_size}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "largest_layer": largest,
+        "hidden": text.hidden_size,
+        "layers": text.num_hidden_layers,
+        "vocab": text.vocab_size,
+    }
 
 
 def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | None = None) -> dict:
@@ -100,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
 
         d_sae = json.loads((Path(recipe.sae.path) / "cfg.json").read_text())["d_sae"]
     items = estimate(recipe, nums, args.nodes, args.gpus_per_node, d_sae)
-    print(f"{recipe.model.name_or_path}: {nums['params'] / 1e9:.2f}B params, {nums['layers']} layers, "
-          f"hidden {nums['hidden']}, vocab {nums['vocab']}; {args.nodes} x {args.gpus_per_node} GPUs")
+    print(
+        f"{recipe.model.name_or_path}: {nums['params'] / 1e9:.2f}B params, {nums['layers']} layers, "
+        f"hidden {nums['hidden']}, vocab {nums['vocab']}; {args.nodes} x {args.gpus_per_node} GPUs"
+    )
     for k, v in items.items():
         print(f"  {k:24s} {v / GIB:8.2f} GiB")
     for line in advice(items, recipe, args.gpu_mem * GIB):

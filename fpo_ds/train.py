@@ -147,8 +147,8 @@ def _fault_nan_steps() -> set[int]:
 def micro_step(s: Setup, batch: data.Batch, poison: bool = False) -> dict[str, torch.Tensor] | None:
     """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums.
 
-    If the loss is non-finite on any rank, every rank skips this backward, the optimizer step
-    runs at lr 0 (weights unchanged) and None is returned.
+    If the loss is non-finite on any rank, every rank drops this micro-batch's gradients, the
+    optimizer step runs at lr 0 (weights unchanged) and None is returned.
     """
     batch = M.to_device(batch, s.device)
     ref = reference_out(s, batch)
@@ -159,9 +159,13 @@ def micro_step(s: Setup, batch: data.Batch, poison: bool = False) -> dict[str, t
     bad = (~torch.isfinite(out.losses.detach()).all()).float().reshape(1)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # ranks decide together
     if bad.item():
+        del out, pol, ref  # drop the poisoned graph: its gradients would be NaN
         for group in s.engine.optimizer.param_groups:
             group["lr"] = 0.0  # the scheduler sets it again after this optimizer step
-        s.engine.step()  # keeps DeepSpeed's micro-step count (and the boundary) in line
+        # DeepSpeed's optimizer step needs a backward; a 2-token forward times 0 gives finite zero grads.
+        zero = s.engine(input_ids=batch.input_ids[:1, :2]).logits.float().sum() * 0.0
+        s.engine.backward(zero)
+        s.engine.step()
         return None
     s.engine.backward(out.losses.mean())
     s.engine.step()
@@ -281,8 +285,14 @@ def run(recipe: C.Recipe) -> Result:
         dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
     if dist.rank() == 0:
         metrics.truncate(Path(recipe.output.dir) / "metrics.jsonl", start)  # a resume replays steps > start
-        info = {"recipe": C.to_dict(recipe), "world_size": dist.world_size(), "resumed_from": str(resume_dir or ""),
-                "start_step": start, "total_steps": s.total_steps, **versions()}
+        info = {
+            "recipe": C.to_dict(recipe),
+            "world_size": dist.world_size(),
+            "resumed_from": str(resume_dir or ""),
+            "start_step": start,
+            "total_steps": s.total_steps,
+            **versions(),
+        }
         if s.objective.reference == "offline":
             info["cache_fingerprints"] = s.reference.manifest["fingerprints"]
         (Path(recipe.output.dir) / "run_info.json").write_text(json.dumps(info, indent=1))

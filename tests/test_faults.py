@@ -1,0 +1,186 @@
+"""Fault injection with real processes: every fault fails fast with a message naming what broke,
+or leaves the last good checkpoint as "latest"; resume=auto then matches an uninterrupted run.
+
+Test hooks (environment): FPO_DS_FAULT_NAN_STEPS poisons rank 1's loss at those steps;
+FPO_DS_FAULT_DIE_IN_SAVE=N makes every rank exit abruptly (like kill -9) inside the save of step N.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fpo_ds import toy
+
+pytestmark = pytest.mark.multiproc
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(
+    os.environ,
+    DS_ACCELERATOR="cpu",
+    OMP_NUM_THREADS="1",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return toy.write_world(tmp_path_factory.mktemp("faults") / "world", "gemma2", n_train=64, n_eval=8)
+
+
+def _cmd(world, out: Path, *extra: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "fpo_ds.train",
+        "recipes/tiny.yaml",
+        f"model.name_or_path={world / 'model'}",
+        f"data.path={world / 'data' / 'train.jsonl'}",
+        f"output.dir={out}",
+        "train.max_steps=6",
+        "logging.progress_bar=false",
+        "deepspeed.timeout_minutes=2",
+        *extra,
+    ]
+
+
+def _train(world, out: Path, *extra: str, port: int, env: dict | None = None, ok: bool = True):
+    proc = subprocess.run(
+        _cmd(world, out, *extra, port=port),
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == ok, text[-4000:]
+    return text
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _train(world, out, "output.save_every=2", "output.keep_last=5", port=29701)
+    return out
+
+
+def test_all_ranks_killed_during_save_keeps_last_good_and_resumes(world, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    _train(world, out, "output.save_every=2", port=29702, env={"FPO_DS_FAULT_DIE_IN_SAVE": "4"}, ok=False)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    assert (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / "COMPLETE.json").exists()
+    text = _train(world, out, "output.save_every=2", port=29703)
+    assert "resumed from" in text and "step_00000002 at step 2" in text
+    want, got = _losses(uninterrupted), _losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # steps 3-4 of the crashed run were replaced, not duplicated
+    assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], abs=1e-5)
+
+
+def test_deleted_checkpoint_shard_fails_fast_naming_it(world, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shard = next((out / "checkpoints" / "step_00000006").glob("*optim_states.pt"))
+    shard.unlink()
+    t0 = time.time()
+    text = _train(world, out, "train.max_steps=8", port=29704, ok=False)
+    assert f"{shard.name} is missing" in text and "Delete" in text and time.time() - t0 < 120
+    assert "Traceback" not in text.split("FAILED")[-1][:2000]  # a message, not a library traceback
+
+
+def test_nonfinite_loss_skips_the_step_and_halts_after_a_run_of_them(world, uninterrupted, tmp_path):
+    from safetensors.torch import load_file
+
+    from fpo_ds import checkpoint
+
+    out = tmp_path / "skip"
+    text = _train(world, out, "train.max_steps=3", port=29705, env={"FPO_DS_FAULT_NAN_STEPS": "3"})
+    recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert recs[3]["loss"] is None and recs[3]["lr"] == 0.0 and recs[3]["nonfinite_skipped_steps"] == 1
+    assert math.isfinite(recs[2]["loss"]) and "step 3: non-finite loss; step skipped" in text and "Pair ids: [" in text
+    skipped = load_file(
+        str(checkpoint.export(out / "checkpoints" / "step_00000003", tmp_path / "a") / "model.safetensors")
+    )
+    before = load_file(
+        str(checkpoint.export(uninterrupted / "checkpoints" / "step_00000002", tmp_path / "b") / "model.safetensors")
+    )
+    assert all(torch.isfinite(t).all() for t in skipped.values())
+    assert all(torch.equal(skipped[k], before[k]) for k in before)  # the skipped step left the weights unchanged
+    halted = tmp_path / "halt"
+    text = _train(
+        world, halted, "train.max_nonfinite_steps=2", port=29706, env={"FPO_DS_FAULT_NAN_STEPS": "2,3,4"}, ok=False
+    )
+    assert "2 steps in a row with a non-finite loss (last: step 3" in text
+    assert not (halted / "checkpoints").exists()  # nothing written after the weights became suspect
+
+
+def test_killed_rank_ends_torchrun_job_fast(world, tmp_path):
+    out = tmp_path / "kill"
+    proc = subprocess.Popen(
+        _cmd(world, out, "train.max_steps=400", "train.epochs=50", port=29707),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    end = time.time() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < end:
+        time.sleep(0.2)
+    victim = None
+    for p in Path("/proc").iterdir():
+        try:
+            env = (p / "environ").read_bytes()
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"fpo_ds.train" in cmd and b"RANK=1\0" in env and b"LOCAL_RANK=1\0" in env and str(out).encode() in cmd:
+            victim = int(p.name)
+    assert victim, "rank 1 not found"
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    text, _ = proc.communicate(timeout=150)
+    assert proc.returncode != 0 and time.time() - killed < 120
+    assert "Signal 9" in text or "SIGKILL" in text or "exitcode  : -9" in text, text[-3000:]
+
+
+def test_disk_full_during_save_keeps_last_good(world, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2200k", "tmpfs", str(mnt)]).returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("cannot mount a small tmpfs (root needed)")
+        pytest.skip("cannot mount a small tmpfs (not root)")
+    try:
+        out = mnt / "run"
+        text = _train(world, out, "output.save_every=2", "output.keep_last=5", port=29708, ok=False)
+        assert "saving checkpoint" in text and "MiB free on that disk" in text and "is intact" in text, text[-3000:]
+        latest = (out / "checkpoints" / "latest").read_text()
+        from fpo_ds import checkpoint
+
+        checkpoint.verify(out / "checkpoints" / latest)  # the last good checkpoint is whole
+        assert not any((p / "COMPLETE.json").exists() for p in (out / "checkpoints").glob("step_*") if p.name > latest)
+    finally:
+        subprocess.run(["umount", str(mnt)])
