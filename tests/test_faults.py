@@ -1,5 +1,7 @@
-"""Fault injection with real processes: every fault fails fast with a message naming what broke,
-or leaves the last good checkpoint as "latest"; resume=auto then matches an uninterrupted run.
+"""Fault injection with real processes: each fault fails fast with a message, never corrupts.
+
+A fault names what broke, or leaves the last good checkpoint as "latest"; resume=auto then
+matches an uninterrupted run.
 
 Test hooks (environment): FPO_DS_FAULT_NAN_STEPS poisons rank 1's loss at those steps;
 FPO_DS_FAULT_DIE_IN_SAVE=N makes every rank exit abruptly (like kill -9) inside the save of step N.
