@@ -97,6 +97,30 @@ def _summary(path: Path, warmup: int) -> dict:
     return out
 
 
+FLOPS_PER_PARAM_TOKEN = {  # policy forward + backward = 6N per token; a live reference adds its forward, 2N
+    "sft": 6,
+    "simpo": 6,
+    "dpo_live": 8,
+    "dpo_cache": 6,
+    "tdpo2": 8,
+    "fpo": 6,
+}
+
+
+def _params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
@@ -168,7 +192,11 @@ def run(args) -> dict:
             "bytes_per_pair": sum(p["bytes"] for p in manifests["fpo"]["parts"]) / manifests["fpo"]["n_pairs"],
         },
     }
+    result["params"] = _params(world / "model")
     for m, reps in per_repeat.items():
+        for rep in reps if args.peak_tflops else []:  # model FLOPs utilisation over all GPUs of the run
+            flops = rep["tokens_per_s"] * FLOPS_PER_PARAM_TOKEN[m] * result["params"]
+            rep["mfu"] = flops / (args.peak_tflops * 1e12 * args.nproc)
         result["methods"][m] = {k: [rep[k] for rep in reps] for k in reps[0]}
         result["ratios_to_simpo"][m] = {
             k: [rep[k] / base[k] for rep, base in zip(reps, per_repeat["simpo"])]
@@ -197,18 +225,21 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
     """The tables, recomputed from bench.json's raw per-repeat numbers."""
     cfg = result["config"]
+    mfu = "mfu" in next(iter(result["methods"].values()))
     lines = [
-        f"# fpo-ds bench: Llama-style h{cfg['hidden']} x {cfg['layers']} layers, SAE {cfg['d_sae']} features, "
-        f"{cfg['nproc']} ranks, micro {cfg['micro']}, {cfg['repeats']} repeats (median [min, max])",
+        f"# fpo-ds bench: Llama-style h{cfg['hidden']} x {cfg['layers']} layers "
+        f"({result['params'] / 1e6:.1f}M params), SAE {cfg['d_sae']} features, {cfg['nproc']} ranks, "
+        f"micro {cfg['micro']}, {cfg['repeats']} repeats (median [min, max]), {cfg.get('device', '?')}",
         "",
-        "| method | step time (s) | tokens/s | peak mem/rank (MiB) | step vs SimPO | mem vs SimPO |",
-        "|---|---|---|---|---|---|",
+        "| method | step time (s) | tokens/s | peak mem/rank (MiB) | step vs SimPO | mem vs SimPO |" + (" MFU |" * mfu),
+        "|---|---|---|---|---|---|" + ("---|" * mfu),
     ]
     for m, v in result["methods"].items():
         r = result["ratios_to_simpo"][m]
         lines.append(
             f"| {m} | {_spread(v['step_time_s'])} | {_spread(v['tokens_per_s'])} | {_spread(v['peak_mem_mib'])} "
             f"| {_spread(r['step_time_s'])} | {_spread(r['peak_mem_mib'])} |"
+            + (f" {_spread(v['mfu'])} |" if mfu else "")
         )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
@@ -237,10 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-sae", type=int, default=2048)
     p.add_argument("--ds-config", help="default: zero3_bf16 on GPU, zero3_fp32 on CPU")
+    p.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, for MFU (989 for H100/H200 bf16)")
     args = p.parse_args(argv)
-    if args.ds_config is None:
-        import torch
+    import torch
 
+    args.device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    if args.ds_config is None:
         name = "zero3_bf16.json" if torch.cuda.is_available() else "zero3_fp32.json"
         args.ds_config = str(RECIPE.parent.parent / "ds_configs" / name)
     print(markdown(run(args)))
