@@ -240,8 +240,12 @@ def test_gradient_accumulation_and_world_size_invariance(runs):
     c = _dump(runs, "rank1_micro1")["state"]  # 1 rank x micro 1 x accum 2
     assert a.keys() == b.keys() == c.keys() and all(v.numel() > 0 for v in a.values())
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=0), k
-        assert torch.allclose(b[k], c[k], atol=2e-5, rtol=0), k
+        # Same micro-batch shapes, different placement (2 ranks vs accumulation on 1): bitwise equal.
+        assert torch.equal(a[k], c[k]), k
+        # micro 2 pads two sequences into one forward, so float rounding differs; Adam divides by
+        # sqrt(v), which can magnify rounding noise on near-zero gradients toward lr (1e-3) per step.
+        # Seen: <= 2.5e-5 after 3 steps; tolerance 1e-4 (a tenth of one step's lr).
+        assert torch.allclose(b[k], c[k], atol=1e-4, rtol=0), k
     from safetensors.torch import load_file
 
     init = load_file(str(runs["tmp"] / "world-gemma2" / "model" / "model.safetensors"))
