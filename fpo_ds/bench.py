@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from fpo_ds import toy
+from fpo_ds import pipeline, toy
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 METHODS = {  # name -> overrides
@@ -40,23 +37,7 @@ TARGETS = [  # (label, metric, method, vs, limit)
 
 
 def _launch(stages: list[dict], out: Path, nproc: int, name: str) -> None:
-    plan = out / f"plan-{name}.json"
-    plan.write_text(json.dumps(stages))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(29300 + os.getpid() % 500),
-        "-m",
-        "fpo_ds.pipeline",
-        str(plan),
-    ]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if name != "cache" else None)
+    pipeline.launch(stages, out / f"plan-{name}.json", nproc, quiet=name != "cache")
 
 
 def _overrides(world: Path, out: Path, extra: dict, args) -> list[str]:

@@ -61,32 +61,21 @@ def _eval(args) -> int:
     return 0
 
 
+DELEGATED = {
+    "train": "fpo_ds.train",
+    "build-cache": "fpo_ds.cache",
+    "demo": "fpo_ds.demo",
+    "bench": "fpo_ds.bench",
+    "plan": "fpo_ds.plan",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        from fpo_ds import train
+    if argv[:1] and argv[0] in DELEGATED:  # entry points with their own argument parsers
+        import importlib
 
-        train.main(argv[1:])
-        return 0
-    if argv[:1] == ["plan"]:
-        from fpo_ds import plan
-
-        plan.main(argv[1:])
-        return 0
-    if argv[:1] == ["bench"]:
-        from fpo_ds import bench
-
-        bench.main(argv[1:])
-        return 0
-    if argv[:1] == ["demo"]:
-        from fpo_ds import demo
-
-        demo.main(argv[1:])
-        return 0
-    if argv[:1] == ["build-cache"]:
-        from fpo_ds import cache
-
-        cache.main(argv[1:])
+        importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
         return 0
     p = argparse.ArgumentParser(prog="fpo-ds", description="FPO and DPO-family preference training on DeepSpeed")
     sub = p.add_subparsers(dest="cmd", required=True)

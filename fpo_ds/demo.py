@@ -10,10 +10,6 @@ Every stage is skipped when its output is complete, so re-running resumes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -30,31 +26,10 @@ def say(msg: str) -> None:
 
 
 def _launch(out: Path, name: str, stages: list[dict], nproc: int) -> None:
-    from fpo_ds.pipeline import stage_done
+    from fpo_ds import pipeline
 
-    stages = [s for s in stages if not stage_done(s)]
-    if not stages:
+    if not pipeline.launch(stages, out / f"plan-{name}.json", nproc):
         say(f"{name}: complete, skipped")
-        return
-    plan = out / f"plan-{name}.json"
-    plan.write_text(json.dumps(stages, indent=1))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(out / ".torch_extensions"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(29400 + os.getpid() % 500),
-        "-m",
-        "fpo_ds.pipeline",
-        str(plan),
-    ]
-    say(" ".join(cmd[2:]))
-    subprocess.run(cmd, env=env, check=True)
 
 
 def _export_final(run_dir: Path, dest: Path) -> Path:

@@ -28,6 +28,35 @@ def stage_done(stage: dict) -> bool:
     return (Path(recipe.output.dir) / train.DONE).is_file()
 
 
+def launch(stages: list[dict], plan_path: Path, nproc: int, quiet: bool = False) -> bool:
+    """Run the incomplete stages in one torchrun launch of this module; False if all were complete."""
+    import os
+    import subprocess
+
+    stages = [s for s in stages if not stage_done(s)]
+    if not stages:
+        return False
+    plan_path.write_text(json.dumps(stages, indent=1))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(plan_path.parent / ".torch_extensions"))
+    port = str(29300 + os.getpid() % 500)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        port,
+        "-m",
+        "fpo_ds.pipeline",
+        str(plan_path),
+    ]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     plan = json.loads(Path(argv[0]).read_text())
