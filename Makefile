@@ -28,8 +28,8 @@ demo: install
 	$(BIN)/fpo-ds demo --out runs/demo --nproc $(NPROC)
 
 test: install
-	$(BIN)/ruff check fpo_ds tests
+	$(BIN)/ruff check fpo_ds tests bench
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check fpo_ds tests
+	$(BIN)/ruff check fpo_ds tests bench

@@ -3,6 +3,7 @@
 Per-GPU memory, itemised:
   model states   DeepSpeed's own ZeRO-3 estimator (fp32 master + Adam + 16-bit params/grads,
                  partitioned over all GPUs, plus the largest layer gathered)
+  zero buffers   fp32 gradient partition + 16-bit reduce buffers (calibrated, see estimate())
   reference      live reference (DPO/IPO live, TDPO): its 16-bit params / world + largest layer
   activations    per decoder layer and token: ACT_BYTES_PER_H * hidden bytes without activation
                  checkpointing (attention scores not kept: sdpa/flash); with checkpointing, each
@@ -10,8 +11,8 @@ Per-GPU memory, itemised:
   logits         (2 * micro) sequences x max_length x vocab x LOGIT_BYTES (16-bit logits, their
                  fp32 upcast in log-softmax and its gradient)
   SAE shard      d_in * ceil(d_sae / world) fp32 encoder columns (FPO)
-and on the host: the rank's cache part (bytes/pair x pairs / world). The two constants are
-calibrated against measured CUDA peaks (bench/gpu.sh); the note with the calibration states the error.
+and on the host: the rank's cache part (bytes/pair x pairs / world). bench/calibrate_plan.py
+compares the estimate with the CUDA peaks a bench/gpu.sh run measured.
 """
 
 from __future__ import annotations
@@ -59,7 +60,16 @@ def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | N
         acts = tokens * h * (2 * layers + ACT_BYTES_PER_H)
     else:
         acts = tokens * h * ACT_BYTES_PER_H * layers
-    out = {"model_states": states, "activations": acts, "logits": tokens * nums["vocab"] * LOGIT_BYTES}
+    # What DeepSpeed's estimator leaves out: the fp32 gradient partition and the 16-bit reduce /
+    # contiguous-gradient buffers (bounded by reduce_bucket_size, 5e8 by default). Calibrated on one
+    # measured H200 run (bench/calibrate_plan.py): SFT/SimPO/DPO/TDPO all sat ~10 bytes/param above.
+    buffers = 4 * nums["params"] // world + 6 * min(nums["params"], 500_000_000)
+    out = {
+        "model_states": states,
+        "zero_buffers": buffers,
+        "activations": acts,
+        "logits": tokens * nums["vocab"] * LOGIT_BYTES,
+    }
     method, live = recipe.loss.method, recipe.loss.reference == "live"
     if method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live):
         out["reference"] = 2 * nums["params"] // world + 2 * nums["largest_layer"]
