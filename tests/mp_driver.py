@@ -42,6 +42,9 @@ def main(spec_path: str, out_dir: str) -> None:
     dist.init(3)
     for item in json.loads(Path(spec_path).read_text()):
         recipe = C.load(item["recipe"], item.get("overrides", []))
+        if item["action"] == "zero_init_check":
+            results[item["name"]] = zero_init_check(recipe)
+            continue
         if item["action"] == "sae_check":
             results[item["name"]] = sae_check(out)
             continue
@@ -59,6 +62,20 @@ def main(spec_path: str, out_dir: str) -> None:
         del s
     if dist.rank() == 0:
         (out / "results.json").write_text(json.dumps(results))
+
+
+def zero_init_check(recipe) -> dict:
+    """Under ZeRO-3 the loaded model holds only partition placeholders on every rank."""
+    from fpo_ds import model as M
+
+    ds_cfg = M.deepspeed_config(recipe.deepspeed.config, 4, 1, dist.world_size())
+    model, keep = M.load_model(recipe.model, ds_cfg)
+    local = sum(p.numel() for p in model.parameters())
+    full = sum(getattr(p, "ds_numel", 0) for p in model.parameters())
+    gathered = [None] * dist.world_size()
+    torch.distributed.all_gather_object(gathered, {"local_numel": local, "ds_numel": full})
+    del keep
+    return {"per_rank": gathered}
 
 
 def sae_check(out: Path) -> dict:

@@ -94,7 +94,12 @@ def runs(tmp_path_factory):
             "name": "bf16",
             "action": "train",
             "recipe": _recipe(
-                tmp, g, "bf16", loss={"method": "dpo"}, deepspeed={"config": str(ROOT / "ds_configs/zero3_bf16.json")}
+                tmp,
+                g,
+                "bf16",
+                loss={"method": "dpo"},
+                deepspeed={"config": str(ROOT / "ds_configs/zero3_bf16.json")},
+                logging={"progress_bar": False, "tensorboard": True, "wandb": True},
             ),
         }
     )
@@ -137,6 +142,7 @@ def runs(tmp_path_factory):
         }
     )
     spec.append({"name": "sae", "action": "sae_check", "recipe": full})
+    spec.append({"name": "zero_init", "action": "zero_init_check", "recipe": full})
     two = _launch(2, spec, tmp / "out2")
     one_spec = [
         {"name": "fpo_1rank", "action": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
@@ -204,6 +210,17 @@ def test_bf16_and_zero2_with_checkpointing_train(runs):
         hist = runs["two"][name]["history"]
         assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
         assert abs(hist[0]["loss"] - LN2) < 2e-2  # bf16 logits: ln 2 up to rounding
+
+
+def test_tensorboard_and_offline_wandb_when_asked(runs):
+    run = runs["tmp"] / "runs" / "bf16"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_zero_init_never_materialises_the_model(runs):
+    for rank_res in runs["two"]["zero_init"]["per_rank"]:
+        assert rank_res["local_numel"] == 0 and rank_res["ds_numel"] > 100_000
 
 
 def test_metrics_jsonl_written_per_step(runs):
