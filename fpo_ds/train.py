@@ -227,10 +227,17 @@ def versions() -> dict:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sae_lens = version("sae-lens")  # read from metadata: importing sae_lens costs seconds
+    except PackageNotFoundError:
+        sae_lens = None
     return {
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__,
+        "sae_lens": sae_lens,
         "git_commit": commit or None,
     }
 
