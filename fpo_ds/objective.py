@@ -56,7 +56,9 @@ def build(loss_cfg, k: int = 50, feature_weights: torch.Tensor | None = None) ->
     def tdpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
         kl = L.sequence_kl(ref.logits, pol.logits, pol.mask)
         version = 1 if method == "tdpo1" else 2
-        return L.tdpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(kl), beta, alpha, version)
+        out = L.tdpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(kl), beta, alpha, version)
+        kl_c, kl_r = _halves(kl.detach())
+        return out._replace(extra={"tdpo/seq_kl_chosen": kl_c, "tdpo/seq_kl_rejected": kl_r})
 
     def fpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
         d = L.feature_mse(pol.features, ref.feat_idx, ref.feat_val, k, feature_weights)

@@ -25,6 +25,7 @@ CURVES = [
     ("rewards/margins", "reward margin"),
     ("rewards/accuracies", "reward accuracy"),
     ("fpo/feature_mse_rejected", "FPO feature MSE (rejected)"),
+    ("tdpo/seq_kl_rejected", "TDPO sequence KL (rejected)"),
 ]
 
 

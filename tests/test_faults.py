@@ -18,19 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 
 from fpo_ds import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(
-    os.environ,
-    DS_ACCELERATOR="cpu",
-    OMP_NUM_THREADS="1",
-    HF_HUB_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
-)
+ENV = subprocess_env()
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 from fpo_ds import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-ENV = dict(
-    os.environ,
-    DS_ACCELERATOR="cpu",
-    OMP_NUM_THREADS="1",
-    HF_HUB_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
-)
-for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(key, None)
+ENV = subprocess_env()
 STEPS = 3
 
 

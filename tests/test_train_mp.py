@@ -172,6 +172,8 @@ def test_every_method_trains_and_step0_is_ln2(runs, arch):
         if m in ("dpo", "tdpo1", "tdpo2"):
             assert abs(hist[0]["loss"] - LN2) < 1e-4, (m, hist[0]["loss"])
             assert abs(hist[0]["rewards/margins"]) < 1e-4
+        if m in ("tdpo1", "tdpo2"):  # the sequence KL is logged: 0 at the reference, positive after updates
+            assert hist[0]["tdpo/seq_kl_rejected"] < 1e-6 and hist[-1]["tdpo/seq_kl_rejected"] > 0
         if m == "ipo":  # (0 - 1/(2 beta))^2 = 25 at beta 0.1
             assert abs(hist[0]["loss"] - 25.0) < 1e-3
 
