@@ -130,7 +130,6 @@ def _pair_rows(x: torch.Tensor) -> torch.Tensor:
 
 def build(recipe: C.Recipe) -> Path:
     """Collective: every rank runs the reference over its own shard and writes its part."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     dist.init(recipe.deepspeed.timeout_minutes)
@@ -149,13 +148,7 @@ def build(recipe: C.Recipe) -> Path:
         from fpo_ds import sae
 
         encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), rank, world, device)
-    ref_model, keep = M.load_model(recipe.model, ds_cfg)
-    ref_model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(
-        model=ref_model, config={k: v for k, v in ds_cfg.items() if k != "gradient_clipping"}
-    )
-    engine.eval()
-    del keep
+    engine = M.frozen_engine(recipe.model, ds_cfg)
     tap = M.ResidualTap(engine.module, layer) if encoder else None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,14 +34,15 @@ def pair_metrics(out: LossOut, sum_logps: torch.Tensor) -> dict[str, torch.Tenso
         "rewards/accuracies": (margins > 0).float().sum(),
         "logps/chosen": sum_logps[:b].detach().sum(),
         "logps/rejected": sum_logps[b:].detach().sum(),
-        "pairs": torch.tensor(float(b)),
+        "pairs": torch.tensor(float(b), device=out.losses.device),
     } | {k: v.sum() for k, v in (out.extra or {}).items()}
 
 
 def reduce(sums: list[dict[str, torch.Tensor]], device: str = "cpu") -> dict[str, float]:
     """Sum micro-batch sums over accumulation and ranks; divide all but `tokens` by the pair count."""
     keys = list(sums[0])
-    local = torch.stack([sum(s[k].detach().double().cpu() for s in sums) for k in keys]).to(device)
+    # Summed where the tensors live: one device-to-host copy per step (tolist below), not one per metric.
+    local = torch.stack([sum(s[k].detach().double() for s in sums) for k in keys]).to(device)
     if tdist.is_initialized():
         tdist.all_reduce(local)  # one small collective per step (on the accelerator for NCCL)
     totals = dict(zip(keys, local.tolist()))

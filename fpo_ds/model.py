@@ -114,6 +114,24 @@ def load_model(model_cfg, ds_cfg: dict):
     return model, keepalive
 
 
+def frozen_engine(model_cfg, ds_cfg: dict):
+    """A reference model as a DeepSpeed engine in eval mode, no optimizer (collective).
+
+    Sharded like the policy under ZeRO-3; with a lower stage it is simply replicated (stage 0).
+    """
+    import deepspeed
+
+    cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+    if zero_stage(ds_cfg) != 3:
+        cfg["zero_optimization"] = {"stage": 0}
+    model, keepalive = load_model(model_cfg, cfg)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    del keepalive
+    return engine
+
+
 def check_model_path(name_or_path: str) -> None:
     """A local-looking path that does not exist is a typo, not a hub id: say so before the hub is tried."""
     p = Path(name_or_path)

@@ -65,21 +65,6 @@ def total_steps(n_pairs: int, train_cfg) -> int:
     return min(total, train_cfg.max_steps) if train_cfg.max_steps else total
 
 
-def _reference_engine(recipe, ds_cfg):
-    """Frozen reference: a second DeepSpeed engine in eval mode, sharded like the policy."""
-    import deepspeed
-
-    ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
-    if M.zero_stage(ds_cfg) != 3:
-        ref_cfg["zero_optimization"] = {"stage": 0}
-    ref_model, keep = M.load_model(recipe.model, ref_cfg)
-    ref_model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=ref_model, config=ref_cfg)
-    engine.eval()
-    del keep
-    return engine
-
-
 def setup(recipe: C.Recipe) -> Setup:
     import deepspeed
 
@@ -111,7 +96,7 @@ def setup(recipe: C.Recipe) -> Setup:
     del keep
     reference = None
     if obj.reference == "live":
-        reference = _reference_engine(recipe, ds_cfg)
+        reference = M.frozen_engine(recipe.model, ds_cfg)
     elif obj.reference == "offline":
         from fpo_ds import cache
 
