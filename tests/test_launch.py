@@ -176,6 +176,10 @@ def _job(job: str) -> dict:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
+# Pending reasons that clear by themselves; any other one (PartitionConfig, ...) is a broken cluster.
+TRANSIENT = {"None", "Priority", "Resources", "BeginTime", "Dependency"}
+
+
 def _wait_state(job: str, states: set, timeout: float, release: bool = False) -> str:
     end = time.time() + timeout
     while time.time() < end:
@@ -183,8 +187,12 @@ def _wait_state(job: str, states: set, timeout: float, release: bool = False) ->
         state = info.get("JobState", "")
         if state in states:
             return state
-        if release and state == "PENDING" and info.get("Reason") == "BeginTime":
+        reason = info.get("Reason", "None")
+        if release and state == "PENDING" and reason == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        if state == "PENDING" and reason not in TRANSIENT:
+            node = subprocess.run(["scontrol", "show", "node"], capture_output=True, text=True).stdout
+            raise AssertionError(f"job {job} can never start here (Reason={reason}):\n{node}")
         time.sleep(0.5)
     raise AssertionError(f"job {job} not in {states} after {timeout}s: {_job(job)}")
 
