@@ -5,8 +5,8 @@ reference, DPO with the offline cache, TDPO-2 and FPO; one process launch per me
 repeat, methods interleaved within each repeat (so machine noise hits all of them alike).
 Per method: median step time, tokens/s, peak memory per rank (RSS on CPU, CUDA max-allocated
 on GPU), and ratios to SimPO with their spread over repeats. Also: cache build time with SAE
-features vs the logps-only reference pass, cache read share of FPO's step time, and the
-sharded encoder's communication bytes per step. Writes bench.json and bench.md.
+features vs the logps-only reference pass, cache read and SAE encode shares of FPO's step
+time, and the sharded encoder's communication bytes per step. Writes bench.json and bench.md.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def _summary(path: Path, warmup: int) -> dict:
     }
     if "time/cache_read_s" in recs[0]:
         out["cache_read_share"] = med("time/cache_read_s") / out["step_time_s"]
+    if "time/sae_encode_s" in recs[0]:
+        out["sae_encode_share"] = med("time/sae_encode_s") / out["step_time_s"]
     if "fpo/sae_comm_bytes_per_step" in recs[0]:
         out["sae_comm_bytes_per_step"] = med("fpo/sae_comm_bytes_per_step")
     return out
@@ -231,12 +233,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {t['target']} | {_spread(t['ratios'])} | {'yes' if t['met'] else 'NO'} |")
     c = result["cache"]
     comm = result["methods"]["fpo"].get("sae_comm_bytes_per_step", [0])
+    encode = result["methods"]["fpo"].get("sae_encode_share", [0.0])
     lines += [
         "",
         f"Cache: {c['pairs']} pairs, {c['bytes_per_pair']:.0f} bytes/pair; reference pass with SAE features "
         f"{c['build_seconds_fpo']:.2f} s vs log-probs only {c['build_seconds_logps_only']:.2f} s "
         f"({c['pairs'] / c['build_seconds_fpo']:.0f} vs {c['pairs'] / c['build_seconds_logps_only']:.0f} pairs/s). "
-        f"Sharded-encoder traffic: {statistics.median(comm):.0f} bytes/step/rank.",
+        f"Sharded-encoder traffic: {statistics.median(comm):.0f} bytes/step/rank. SAE encode (forward + backward, "
+        f"this rank's slice) share of FPO's step time: {_spread(encode)}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -259,6 +259,11 @@ def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, wor
     return order[start : start + per_rank]
 
 
+def response_tokens(pairs: list[Pair]) -> int:
+    """Response tokens (chosen + rejected) in a micro-batch: the positions `collate` labels."""
+    return sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
 def collate(pairs: list[Pair], pad_id: int) -> Batch:
     seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     plens = [len(p.prompt_ids) for p in pairs] * 2

@@ -168,11 +168,14 @@ def to_device(batch: Batch, device) -> Batch:
     return Batch(*(t.to(device, non_blocking=True) for t in batch))
 
 
-def sequence_logps(model, batch: Batch, keep_logits: bool = False, tap=None, encoder=None) -> SeqOut:
+def sequence_logps(
+    model, batch: Batch, keep_logits: bool = False, tap=None, encoder=None, n_max: int | None = None
+) -> SeqOut:
     """One forward over chosen+rejected; summed response log-probs per sequence.
 
     With a ResidualTap and a ShardedEncoder (FPO), also the SAE features of block L's output,
-    mean-pooled over each sequence's response tokens (collective across ranks).
+    mean-pooled over each sequence's response tokens (collective across ranks; `n_max`: see
+    ShardedEncoder.pooled).
     """
     if tap is not None:
         tap.arm()
@@ -182,7 +185,7 @@ def sequence_logps(model, batch: Batch, keep_logits: bool = False, tap=None, enc
     tok = token_logps(logits, labels)
     features = None
     if tap is not None:
-        features = encoder.pooled(tap.take(), batch.labels != IGNORE_INDEX)
+        features = encoder.pooled(tap.take(), batch.labels != IGNORE_INDEX, n_max)
     return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask, features)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from functools import cache
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-import torch.utils.checkpoint
 import yaml
 
 
@@ -131,6 +131,94 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(g)
 
 
+_BITS = 2 ** torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(N, w) bool -> (N, ceil(w/8)) uint8."""
+    n, w = mask.shape
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, -w % 8)).view(n, -1, 8)
+    return (m * _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of pack_bits: (N, ceil(w/8)) uint8 -> (N, w) bool."""
+    bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0
+    return bits.view(packed.shape[0], -1)[:, :width]
+
+
+class _EncodePool(torch.autograd.Function):
+    """Per-row sums of SAE features: (N, d_in) centred inputs, (N,) row ids -> (n_rows, width).
+
+    Every supported activation is, away from its (measure-zero) kinks, the identity (times the
+    TopK decoder-norm scale) on the features that fire and zero elsewhere; its threshold and the
+    TopK cut-off carry no gradient (as in sae-lens). So backward needs only which features fired:
+    kept as bits, N x width / 8 bytes, instead of N x width activations, and the encode matmul is
+    not run again. Chunks of CHUNK_TOKENS bound the transient pre-activations.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, dest, enc, n_rows):
+        out = torch.zeros(n_rows, enc.width, dtype=enc.dtype, device=xc.device)
+        fired = []
+        for i in range(0, xc.shape[0], enc.CHUNK_TOKENS):
+            acts = enc.activate(xc[i : i + enc.CHUNK_TOKENS] @ enc.W_enc + enc.b_enc)
+            out.index_add_(0, dest[i : i + enc.CHUNK_TOKENS], acts)
+            fired.append(pack_bits(acts > 0))
+        packed = torch.cat(fired) if fired else xc.new_zeros(0, -(-enc.width // 8), dtype=torch.uint8)
+        ctx.save_for_backward(dest, packed)
+        ctx.enc = enc
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        dest, packed = ctx.saved_tensors
+        enc = ctx.enc
+        t0 = enc.clock.start()
+        grad = torch.empty(dest.shape[0], enc.d_in, dtype=g.dtype, device=g.device)
+        for i in range(0, dest.shape[0], enc.CHUNK_TOKENS):
+            gc = g[dest[i : i + enc.CHUNK_TOKENS]] * unpack_bits(packed[i : i + enc.CHUNK_TOKENS], enc.width)
+            if enc.dec_norm is not None:
+                gc = gc * enc.dec_norm
+            grad[i : i + enc.CHUNK_TOKENS] = gc @ enc.W_enc.T
+        enc.clock.stop(t0)
+        return grad, None, None, None
+
+
+class Clock:
+    """Sums the time of marked spans without syncing the device in the step (CUDA events on GPU)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spans: list = []
+        self.host = 0.0
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, t0) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.spans.append((t0, ev))
+            if len(self.spans) > 256:  # a caller that never takes (e.g. the cache build): fold
+                self.host += self.take()
+        else:
+            self.host += time.perf_counter() - t0
+
+    def take(self) -> float:
+        """Seconds since the last take (waits for the device on GPU: call once per step)."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+        total = self.host + sum(a.elapsed_time(b) for a, b in self.spans) / 1000.0
+        self.spans, self.host = [], 0.0
+        return total
+
+
 class ShardedEncoder:
     """This rank's slice of an SAE encoder: features [lo, hi) of d_sae, never the whole W_enc.
 
@@ -165,6 +253,7 @@ class ShardedEncoder:
             if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
                 self.dec_norm = torch.nn.functional.pad(sae.W_dec.detach()[self.lo : self.hi].norm(dim=-1), (0, pad))
         self.bytes_per_call = 0
+        self.clock = Clock(device)  # encode time, forward and backward (`time/sae_encode_s`)
 
     def resident_bytes(self) -> int:
         ts = [self.W_enc, self.b_enc, self.b_dec_in, self.threshold, self.dec_norm]
@@ -179,9 +268,15 @@ class ShardedEncoder:
             return x / (x.std(dim=-1, keepdim=True) + 1e-5)
         return x  # "none"; "expected_average_only_in" is folded into W_enc by sae-lens at load
 
-    def local_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d_in) -> (N, width): this rank's feature slice, exactly as sae-lens encodes it."""
-        pre = (self._normalise(x.to(self.dtype)) - self.b_dec_in) @ self.W_enc + self.b_enc
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: normalised (per sae-lens), minus b_dec where the SAE applies it."""
+        return self._normalise(x.to(self.dtype)) - self.b_dec_in
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """(N, width) pre-activations -> this rank's feature slice, exactly as sae-lens encodes it.
+
+        Collective for TopK (the k-th largest value is global); no gradient flows through it.
+        """
         # Padded columns have zero weights, bias and threshold: pre = 0 there, so they stay 0.
         if self.arch == "standard":
             return pre.relu()
@@ -195,37 +290,23 @@ class ShardedEncoder:
         kth = everyone.permute(1, 0, 2).reshape(pre.shape[0], -1).topk(self.k, dim=-1).values[:, -1:]
         return torch.where(pre >= kth, pre, torch.zeros_like(pre)).relu()
 
+    def local_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d_in) -> (N, width): this rank's feature slice, exactly as sae-lens encodes it."""
+        return self.activate(self.centred(x) @ self.W_enc + self.b_enc)
+
     def _encode_sum(self, x: torch.Tensor, dest: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """Per-row sums of this slice's features. (N, d_in), (N,) -> (n_rows, width).
+        """Per-row sums of this slice's features. (N, d_in), (N,) -> (n_rows, width)."""
+        t0 = self.clock.start()
+        out = _EncodePool.apply(self.centred(x), dest, self, n_rows)
+        self.clock.stop(t0)
+        return out
 
-        The per-token activations (N x width: the largest tensor FPO adds) are computed in chunks of
-        CHUNK_TOKENS and not kept for backward: each chunk is recomputed from x (activation
-        checkpointing). Measured: 3072 tokens x 16384 features, peak growth 614 -> 200 MiB. TopK is
-        exempt, since its encode holds a collective that must not run a second time on one rank.
-        """
-
-        def encode_sum(x: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
-            acts = self.local_acts(x)
-            return torch.zeros(n_rows, self.width, dtype=acts.dtype, device=acts.device).index_add(0, dest, acts)
-
-        if self.arch == "topk":
-            return encode_sum(x, dest)
-        # Chunks bound the transient (chunk x width) in forward and in the backward recompute.
-        total = None
-        for i in range(0, max(x.shape[0], 1), self.CHUNK_TOKENS):
-            xc, dc = x[i : i + self.CHUNK_TOKENS], dest[i : i + self.CHUNK_TOKENS]
-            if torch.is_grad_enabled() and x.requires_grad:
-                part = torch.utils.checkpoint.checkpoint(encode_sum, xc, dc, use_reentrant=False)
-            else:
-                part = encode_sum(xc, dc)
-            total = part if total is None else total + part
-        return total
-
-    def pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, h: torch.Tensor, mask: torch.Tensor, n_max: int | None = None) -> torch.Tensor:
         """Collective. Mean SAE features over response tokens. (rows, T, d_in), (rows, T) -> (rows, d_sae).
 
         Every rank passes its own rows (same row count on all ranks); gradients flow back to
-        each rank's own `h`.
+        each rank's own `h`. `n_max`: the most response tokens any rank has in this call, when
+        the caller knows it from the data (the trainer does); otherwise one all-reduce finds it.
         """
         rows = h.shape[0]
         sel = mask.bool()
@@ -234,10 +315,13 @@ class ShardedEncoder:
         counts = sel.sum(1).clamp(min=1).to(self.dtype)
         if self.world == 1:
             return self._encode_sum(tokens, row_of, rows)[:, : self.d_sae] / counts.unsqueeze(1)
-        n = torch.tensor([tokens.shape[0]], device=h.device)
-        tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
-        n_max = int(n.item())
+        if n_max is None:
+            n = torch.tensor([tokens.shape[0]], device=h.device)
+            tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
+            n_max = int(n.item())
         pad = n_max - tokens.shape[0]
+        if pad < 0:
+            raise ValueError(f"ShardedEncoder.pooled: {tokens.shape[0]} response tokens exceed n_max={n_max}")
         # One gather carries each token and, in an extra column, the row it belongs to (exact in
         # float up to 2^24 rows); padding tokens go to a spare row `rows` that is dropped.
         row_col = torch.nn.functional.pad(row_of, (0, pad), value=rows).to(tokens.dtype).unsqueeze(1)

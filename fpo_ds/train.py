@@ -129,7 +129,9 @@ def _fault_nan_steps() -> set[int]:
     return {int(x) for x in raw.split(",") if x.strip()} if dist.rank() == min(1, dist.world_size() - 1) else set()
 
 
-def micro_step(s: Setup, batch: data.Batch, poison: bool = False) -> dict[str, torch.Tensor] | None:
+def micro_step(
+    s: Setup, batch: data.Batch, poison: bool = False, n_max: int | None = None
+) -> dict[str, torch.Tensor] | None:
     """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums.
 
     If the loss is non-finite on any rank, every rank drops this micro-batch's gradients, the
@@ -137,7 +139,7 @@ def micro_step(s: Setup, batch: data.Batch, poison: bool = False) -> dict[str, t
     """
     batch = M.to_device(batch, s.device)
     ref = reference_out(s, batch)
-    pol = M.sequence_logps(s.engine, batch, s.objective.keep_logits, s.tap, s.encoder)
+    pol = M.sequence_logps(s.engine, batch, s.objective.keep_logits, s.tap, s.encoder, n_max)
     out = s.objective.fn(pol, ref)
     if poison:
         out = out._replace(losses=out.losses * float("nan"))
@@ -163,11 +165,16 @@ def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int]]:
     """One optimizer step (this rank's share of the global batch); returns metrics and skipped pair ids."""
     t0, lr = time.time(), s.engine.get_lr()[0]
     r, t = s.recipe, s.recipe.train
-    idx = data.step_indices(len(s.pairs), r.data.seed, step, t.global_batch_size, dist.rank(), dist.world_size())
+    world = dist.world_size()
+    every = [data.step_indices(len(s.pairs), r.data.seed, step, t.global_batch_size, k, world) for k in range(world)]
+    idx = every[dist.rank()]
     sums, skipped, poison = [], [], step + 1 in _fault_nan_steps()
     for i in range(0, len(idx), t.micro_batch_size):
         chunk = [s.pairs[j] for j in idx[i : i + t.micro_batch_size]]
-        got = micro_step(s, data.collate(chunk, s.tokenizer.pad_token_id), poison)
+        # The sharded encoder gathers every rank's response tokens padded to the largest count;
+        # each rank knows all ranks' pairs, so that count needs no collective.
+        n_max = max(data.response_tokens([s.pairs[j] for j in ix[i : i + t.micro_batch_size]]) for ix in every)
+        got = micro_step(s, data.collate(chunk, s.tokenizer.pad_token_id), poison, n_max)
         if got is None:
             skipped += [p.example_id for p in chunk]
         else:
@@ -176,6 +183,7 @@ def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int]]:
     dt = time.time() - t0
     if s.encoder is not None:  # forward and backward each move the same volume
         m["fpo/sae_comm_bytes_per_step"] = 2.0 * s.encoder.bytes_per_call * len(sums)
+        m["time/sae_encode_s"] = s.encoder.clock.take()
     if s.objective.reference == "offline":
         m["time/cache_read_s"], s.reference.read_seconds = s.reference.read_seconds, 0.0
     tokens = m.pop("tokens")

@@ -89,9 +89,11 @@ def sae_check(out: Path) -> dict:
         ("standard", {}),
         ("jumprelu", {}),
         ("topk", {"k": 7}),
+        ("topk", {"k": 7, "rescale_acts_by_decoder_norm": True}),
         ("standard", {"normalize_activations": "layer_norm", "apply_b_dec_to_input": False}),
     ):
-        name = arch + ("-ln" if extra.get("normalize_activations") else "")
+        name = arch + ("-ln" if "normalize_activations" in extra else "")
+        name += "-dn" if "rescale_acts_by_decoder_norm" in extra else ""
         sae = toy.random_sae(arch, 16, 37, 1, seed=3, **extra)  # 37 features: uneven split across ranks
         enc = ShardedEncoder(sae, rank, world)
         g = torch.Generator().manual_seed(100 + rank)
@@ -102,6 +104,10 @@ def sae_check(out: Path) -> dict:
         w = torch.randn(4, 37, generator=g)
         got = enc.pooled(h, mask)
         (got * w).sum().backward()
+        counts = [None] * world  # the trainer knows every rank's count from the data; here, ask
+        torch.distributed.all_gather_object(counts, int(mask.sum()))
+        # Padding beyond the largest count changes nothing either (padding rows are dropped).
+        same = all(torch.equal(enc.pooled(h.detach(), mask, n), got.detach()) for n in (max(counts), max(counts) + 3))
         h2 = h.detach().clone().requires_grad_(True)
         want = losses.masked_mean(sae.encode(h2), mask)
         (want * w).sum().backward()
@@ -113,6 +119,7 @@ def sae_check(out: Path) -> dict:
             "fwd_err": errs[0].item(),
             "grad_err": errs[1].item(),
             "nonzero": errs[2].item(),
+            "n_max_given_equal": same,
             "resident_bytes": enc.resident_bytes(),
             "full_bytes": full,
             "encoder_bytes": sum(sae.get_parameter(n).numel() * 4 for n in ("W_enc", "b_enc", "b_dec")),

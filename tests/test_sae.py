@@ -4,13 +4,22 @@ import pytest
 import torch
 
 from fpo_ds import losses, toy
-from fpo_ds.sae import ShardedEncoder
+from fpo_ds.sae import ShardedEncoder, pack_bits, unpack_bits
+
+VARIANTS = {
+    "standard": ("standard", {}),
+    "jumprelu": ("jumprelu", {}),
+    "topk": ("topk", {"k": 5}),
+    "topk-decnorm": ("topk", {"k": 5, "rescale_acts_by_decoder_norm": True}),
+    "layernorm": ("jumprelu", {"normalize_activations": "layer_norm"}),
+}
 
 
-@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
-def test_chunked_checkpointed_encode_matches_sae_lens(monkeypatch, arch):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunked_encode_matches_sae_lens_forward_and_gradient(monkeypatch, variant):
     monkeypatch.setattr(ShardedEncoder, "CHUNK_TOKENS", 3)  # many chunks, one ragged
-    sae = toy.random_sae(arch, 8, 20, 0, seed=4, **({"k": 5} if arch == "topk" else {}))
+    arch, extra = VARIANTS[variant]
+    sae = toy.random_sae(arch, 8, 20, 0, seed=4, **extra)
     enc = ShardedEncoder(sae, 0, 1)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 6, 8, generator=g, requires_grad=True)
@@ -23,3 +32,11 @@ def test_chunked_checkpointed_encode_matches_sae_lens(monkeypatch, arch):
     assert torch.allclose(enc.pooled(h.detach(), mask), want, atol=1e-6) and want.abs().sum() > 0
     assert torch.allclose(h.grad, h2.grad, atol=1e-6)
     assert enc.resident_bytes() < sum(p.numel() * p.element_size() for p in sae.parameters())
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 20, 33])
+def test_fired_bits_round_trip(width):
+    mask = torch.rand(11, width, generator=torch.Generator().manual_seed(width)) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (11, -(-width // 8))
+    assert torch.equal(unpack_bits(packed, width), mask)

@@ -314,8 +314,10 @@ def test_cache_built_on_two_ranks_trains_on_one_and_serves_dpo(runs):
 
 def test_sharded_encoder_matches_sae_lens(runs):
     for rank_res in runs["two"]["sae"]["per_rank"]:
+        assert len(rank_res) == 5, rank_res.keys()
         for arch, r in rank_res.items():
             assert r["fwd_err"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["nonzero"] == 1.0, (arch, r)
+            assert r["n_max_given_equal"], (arch, r)
             # 2 ranks: this rank's resident share of the encoder is half of W_enc and b_enc (+ b_dec)
             assert r["resident_bytes"] <= r["encoder_bytes"] / 2 + 16 * 4 * 2 + 96, (arch, r)
 
