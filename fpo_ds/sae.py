@@ -162,7 +162,7 @@ class _EncodePool(torch.autograd.Function):
         out = torch.zeros(n_rows, enc.width, dtype=enc.dtype, device=xc.device)
         fired = []
         for i in range(0, xc.shape[0], enc.CHUNK_TOKENS):
-            acts = enc.activate(xc[i : i + enc.CHUNK_TOKENS] @ enc.W_enc + enc.b_enc)
+            acts = enc.activate_(torch.addmm(enc.b_enc, xc[i : i + enc.CHUNK_TOKENS], enc.W_enc))
             out.index_add_(0, dest[i : i + enc.CHUNK_TOKENS], acts)
             fired.append(pack_bits(acts > 0))
         packed = torch.cat(fired) if fired else xc.new_zeros(0, -(-enc.width // 8), dtype=torch.uint8)
@@ -177,10 +177,11 @@ class _EncodePool(torch.autograd.Function):
         t0 = enc.clock.start()
         grad = torch.empty(dest.shape[0], enc.d_in, dtype=g.dtype, device=g.device)
         for i in range(0, dest.shape[0], enc.CHUNK_TOKENS):
-            gc = g[dest[i : i + enc.CHUNK_TOKENS]] * unpack_bits(packed[i : i + enc.CHUNK_TOKENS], enc.width)
+            gc = g.index_select(0, dest[i : i + enc.CHUNK_TOKENS])
+            gc.mul_(unpack_bits(packed[i : i + enc.CHUNK_TOKENS], enc.width))
             if enc.dec_norm is not None:
-                gc = gc * enc.dec_norm
-            grad[i : i + enc.CHUNK_TOKENS] = gc @ enc.W_enc.T
+                gc.mul_(enc.dec_norm)
+            torch.mm(gc, enc.W_enc.T, out=grad[i : i + enc.CHUNK_TOKENS])
         enc.clock.stop(t0)
         return grad, None, None, None
 
@@ -272,27 +273,23 @@ class ShardedEncoder:
         """The encoder's input: normalised (per sae-lens), minus b_dec where the SAE applies it."""
         return self._normalise(x.to(self.dtype)) - self.b_dec_in
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def activate_(self, pre: torch.Tensor) -> torch.Tensor:
         """(N, width) pre-activations -> this rank's feature slice, exactly as sae-lens encodes it.
 
-        Collective for TopK (the k-th largest value is global); no gradient flows through it.
+        Works in place on `pre` (no autograd). Collective for TopK (the k-th largest value is global).
         """
         # Padded columns have zero weights, bias and threshold: pre = 0 there, so they stay 0.
         if self.arch == "standard":
-            return pre.relu()
+            return pre.relu_()
         if self.arch == "jumprelu":
-            return pre.relu() * (pre > self.threshold).to(pre.dtype)
+            return pre.masked_fill_(pre <= self.threshold, 0.0).relu_()
         if self.dec_norm is not None:
-            pre = pre * self.dec_norm
-        pre = pre.masked_fill(~self.valid, float("-inf"))
-        local_top = pre.detach().topk(min(self.k, self.width), dim=-1).values
+            pre.mul_(self.dec_norm)
+        pre.masked_fill_(~self.valid, float("-inf"))
+        local_top = pre.topk(min(self.k, self.width), dim=-1).values
         everyone = _GatherRows.apply(local_top) if self.world > 1 else local_top.unsqueeze(0)
         kth = everyone.permute(1, 0, 2).reshape(pre.shape[0], -1).topk(self.k, dim=-1).values[:, -1:]
-        return torch.where(pre >= kth, pre, torch.zeros_like(pre)).relu()
-
-    def local_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d_in) -> (N, width): this rank's feature slice, exactly as sae-lens encodes it."""
-        return self.activate(self.centred(x) @ self.W_enc + self.b_enc)
+        return pre.masked_fill_(pre < kth, 0.0).relu_()
 
     def _encode_sum(self, x: torch.Tensor, dest: torch.Tensor, n_rows: int) -> torch.Tensor:
         """Per-row sums of this slice's features. (N, d_in), (N,) -> (n_rows, width)."""
