@@ -147,9 +147,10 @@ def run(args) -> dict:
     manifests = {
         n: json.loads((out / d / "manifest.json").read_text()) for n, d in (("logps", "cache-logps"), ("fpo", "cache"))
     }
-    per_repeat: dict[str, list[dict]] = {m: [] for m in METHODS}
+    chosen = {m: METHODS[m] for m in METHODS if m in args.methods}
+    per_repeat: dict[str, list[dict]] = {m: [] for m in chosen}
     for r in range(args.repeats):
-        for m, extra in METHODS.items():
+        for m, extra in chosen.items():
             run_dir = out / "runs" / f"{m}-r{r}"
             shutil.rmtree(run_dir, ignore_errors=True)
             _launch(
@@ -190,6 +191,8 @@ def run(args) -> dict:
             for k in ("step_time_s", "peak_mem_mib", "tokens_per_s")
         }
     for label, key, m, vs, limit in TARGETS:
+        if m not in chosen or vs not in chosen:
+            continue
         ratios = [a[key] / b[key] for a, b in zip(per_repeat[m], per_repeat[vs])]
         ok = statistics.median(ratios) < limit if limit == 1.0 else statistics.median(ratios) <= limit
         result["targets"].append({"target": label, "ratios": ratios, "met": ok})
@@ -256,9 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-sae", type=int, default=2048)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (simpo and fpo always run)")
     p.add_argument("--ds-config", help="default: zero3_bf16 on GPU, zero3_fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, for MFU (989 for H100/H200 bf16)")
     args = p.parse_args(argv)
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+    args.methods = sorted(set(args.methods.split(",")) | {"simpo", "fpo"}, key=list(METHODS).index)
     import torch
 
     args.device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
