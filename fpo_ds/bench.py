@@ -168,7 +168,7 @@ def run(args) -> dict:
             per_repeat[m].append(_summary(run_dir / "metrics.jsonl", args.warmup))
             print(f"[bench] repeat {r + 1}/{args.repeats} {m}: {per_repeat[m][-1]}", flush=True)
     result = {
-        "config": vars(args),
+        "config": {**vars(args), "out": Path(args.out).name, "ds_config": Path(args.ds_config).name},
         "methods": {},
         "ratios_to_simpo": {},
         "targets": [],
