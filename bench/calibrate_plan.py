@@ -60,6 +60,8 @@ def main(path: str) -> None:
         "fpo": ("fpo", "offline"),
     }
     for name, (method, ref) in methods.items():
+        if name not in res["methods"]:
+            continue  # a `--methods` subset run
         raw = {
             "model": {"name_or_path": "x"},
             "data": {"path": "x", "max_length": width, "max_prompt_length": 1},

@@ -11,6 +11,9 @@ Per-GPU memory, itemised:
   logits         (2 * micro) sequences x max_length x vocab x LOGIT_BYTES (16-bit logits, their
                  fp32 upcast in log-softmax and its gradient)
   SAE shard      d_in * ceil(d_sae / world) fp32 encoder columns (FPO)
+  SAE encode     every rank's response tokens gathered in fp32 (world x tokens x (d_in + 1)), the
+                 bits of which features fired (world x tokens x width / 8) and one chunk's
+                 pre-activations (CHUNK_TOKENS x width fp32 and its mask) (FPO)
 and on the host: the rank's cache part (bytes/pair x pairs / world). bench/calibrate_plan.py
 compares the estimate with the CUDA peaks a bench/gpu.sh run measured.
 """
@@ -21,6 +24,7 @@ import argparse
 import math
 
 from fpo_ds import config as C
+from fpo_ds.sae import ShardedEncoder
 
 ACT_BYTES_PER_H = 34  # Korthikanti et al. (2022): ~34 s*b*h bytes per layer in 16-bit, no score tensor
 LOGIT_BYTES = 2 + 4 + 4
@@ -76,7 +80,10 @@ def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | N
         if method in ("tdpo1", "tdpo2"):
             out["reference"] += tokens * nums["vocab"] * 4  # the reference's full-vocabulary distributions
     if method == "fpo" and d_sae:
-        out["sae_shard"] = h * math.ceil(d_sae / world) * 4
+        width = math.ceil(d_sae / world)
+        out["sae_shard"] = h * width * 4
+        gathered = world * tokens  # upper bound: every position a response token
+        out["sae_encode"] = gathered * (h + 1) * 4 + gathered * width // 8 + ShardedEncoder.CHUNK_TOKENS * width * 5
         k_cache = recipe.cache.k_cache or 4 * recipe.sae.k
         out["host_cache_per_1k_pairs"] = 1000 * (2 * k_cache * 8 + 28) // world
     return out
