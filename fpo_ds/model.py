@@ -44,11 +44,30 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
     return global_batch // per_step
 
 
+BUNDLED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def ds_config_path(path: str) -> Path:
+    """`deepspeed.config` as given (relative to the working directory), else the bundled JSON.
+
+    The fallback is ds_configs/ of this repository, by file name, so a recipe runs from any
+    directory (multi-node launchers start the ranks elsewhere).
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    bundled = BUNDLED_DS_CONFIGS / p.name
+    if not p.is_absolute() and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(x.name for x in BUNDLED_DS_CONFIGS.glob("*.json")))
+    raise FileNotFoundError(
+        f"deepspeed.config: {p} not found in {Path.cwd()}, nor bundled in {BUNDLED_DS_CONFIGS} ({names})"
+    )
+
+
 def deepspeed_config(path: str, global_batch: int, micro_batch: int, world: int) -> dict:
     """Systems settings from the JSON plus the batch keys derived from the recipe."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"deepspeed.config: {p} not found (pick one of ds_configs/*.json)")
+    p = ds_config_path(path)
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -39,7 +39,7 @@ def test_deepspeed_json_with_batch_keys_or_missing_is_refused(tmp_path):
     bad.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="sets \\['train_batch_size'\\].*Delete these keys"):
         M.deepspeed_config(str(bad), 8, 1, 2)
-    with pytest.raises(FileNotFoundError, match="deepspeed.config: .*nope.json not found"):
+    with pytest.raises(FileNotFoundError, match="deepspeed.config: .*nope.json not found.*zero3_bf16.json"):
         M.deepspeed_config(str(tmp_path / "nope.json"), 8, 1, 2)
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
@@ -208,3 +208,12 @@ def test_data_pipeline_drops_or_keeps_and_masks_only_responses(tokenizer, batch)
         labels = b.labels[i].tolist()
         assert all(x == IGNORE_INDEX for x in labels[: len(p.prompt_ids)])
         assert labels[len(p.prompt_ids) : len(p.prompt_ids) + len(p.chosen_ids)] == p.chosen_ids
+
+
+def test_relative_deepspeed_config_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.g. where a multi-node launcher starts the ranks
+    cfg = M.deepspeed_config("ds_configs/zero3_fp32.json", 8, 1, 2)
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_accumulation_steps"] == 4
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3_fp32.json").write_text('{"zero_optimization": {"stage": 2}}')
+    assert M.deepspeed_config("ds_configs/zero3_fp32.json", 8, 1, 2)["zero_optimization"]["stage"] == 2  # cwd wins

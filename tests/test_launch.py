@@ -168,6 +168,30 @@ def test_two_hosts_in_network_namespaces(world, reference):
     assert _losses(world, "twohost") == pytest.approx(reference, abs=1e-6)
 
 
+def test_deepspeed_hostfile_across_two_hosts(world, reference, tmp_path):
+    """The multi-node path: `deepspeed --hostfile` (pdsh over ssh) to the two namespace hosts.
+
+    The ssh stand-in gives each host a fresh environment, so the ranks get only what the launcher
+    forwards: the variables in `.deepspeed_env` in the launch directory.
+    """
+    _need("netns_up.sh")
+    (tmp_path / "hostfile").write_text("node1 slots=1\nnode2 slots=1\n")
+    keep = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TORCH_EXTENSIONS_DIR")
+    (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={ENV[k]}\n" for k in keep))
+    env = dict(ENV, PATH=f"{ROOT / 'tests' / 'infra' / 'fake_ssh'}:{ENV['PATH']}")
+    args = _args(world, "dshostfile")
+    args[0] = str(ROOT / args[0])  # the ranks start in the launch directory
+    cmd = [str(Path(PY).parent / "deepspeed"), "--hostfile", "hostfile", "--master_port", "29627"]
+    proc = subprocess.run(
+        [*cmd, "--module", "fpo_ds.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "2 node(s) x 1 rank(s), master 10.77.0.1" in out, out[-3000:]
+    assert "[node1 rank 0]" in out and "[node2 rank 1]" in out
+    assert _losses(world, "dshostfile") == pytest.approx(reference, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- Slurm
 
 

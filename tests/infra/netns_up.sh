@@ -1,7 +1,12 @@
 #!/bin/bash
 # Two test "hosts" on one machine: network namespaces fpo-node1/fpo-node2 joined by one veth
-# pair on a private test subnet (10.77.0.0/24) that routes nowhere else. Idempotent. Root only.
+# pair on a private test subnet (10.77.0.0/24) that routes nowhere else; pdsh for DeepSpeed's
+# multi-node launcher (tests/infra/fake_ssh stands in for ssh). Idempotent. Root only.
 set -euo pipefail
+if ! command -v pdsh >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pdsh >/dev/null
+fi
 for i in 1 2; do
   ip netns add "fpo-node$i" 2>/dev/null || true
   ip -n "fpo-node$i" link set lo up
