@@ -282,14 +282,14 @@ class ShardedEncoder:
         if self.arch == "standard":
             return pre.relu_()
         if self.arch == "jumprelu":
-            return pre.masked_fill_(pre <= self.threshold, 0.0).relu_()
+            return pre.mul_(pre > self.threshold).relu_()  # mul_ by the mask: faster than masked_fill_ on CPU
         if self.dec_norm is not None:
             pre.mul_(self.dec_norm)
         pre.masked_fill_(~self.valid, float("-inf"))
         local_top = pre.topk(min(self.k, self.width), dim=-1).values
         everyone = _GatherRows.apply(local_top) if self.world > 1 else local_top.unsqueeze(0)
         kth = everyone.permute(1, 0, 2).reshape(pre.shape[0], -1).topk(self.k, dim=-1).values[:, -1:]
-        return pre.masked_fill_(pre < kth, 0.0).relu_()
+        return pre.masked_fill_(pre < kth, 0.0).relu_()  # not mul_: padded columns hold -inf
 
     def _encode_sum(self, x: torch.Tensor, dest: torch.Tensor, n_rows: int) -> torch.Tensor:
         """Per-row sums of this slice's features. (N, d_in), (N,) -> (n_rows, width)."""
