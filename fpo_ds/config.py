@@ -125,7 +125,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 42
     max_nonfinite_steps: int = 5
-    """Halt after this many optimizer steps in a row skipped for a non-finite loss."""
+    """Halt after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass(frozen=True)

@@ -123,29 +123,39 @@ def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
     return objective.RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
 
 
-def _fault_nan_steps() -> set[int]:
-    """Test hook (fault injection): FPO_DS_FAULT_NAN_STEPS=3,4 makes rank 1's loss NaN at those steps."""
-    raw = os.environ.get("FPO_DS_FAULT_NAN_STEPS", "")
+def _fault_steps(var: str) -> set[int]:
+    """Test hooks (fault injection) on rank 1 at the listed steps, e.g. FPO_DS_FAULT_NAN_STEPS=3,4.
+
+    FPO_DS_FAULT_NAN_STEPS makes its loss NaN; FPO_DS_FAULT_NAN_GRAD_STEPS its gradients (loss finite).
+    """
+    raw = os.environ.get(var, "")
     return {int(x) for x in raw.split(",") if x.strip()} if dist.rank() == min(1, dist.world_size() - 1) else set()
 
 
-def micro_step(
-    s: Setup, batch: data.Batch, poison: bool = False, n_max: int | None = None
-) -> dict[str, torch.Tensor] | None:
-    """Forward (chosen and rejected concatenated), loss, backward. Returns metric sums.
+def _any_rank(flag: bool | torch.Tensor, device: str) -> bool:
+    t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
-    If the loss is non-finite on any rank, every rank drops this micro-batch's gradients, the
-    optimizer step runs at lr 0 (weights unchanged) and None is returned.
+
+def micro_step(
+    s: Setup, batch: data.Batch, poison: str | None = None, n_max: int | None = None
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """Forward (chosen and rejected concatenated), loss, backward. Returns (metric sums, skip reason).
+
+    Ranks decide together. A non-finite loss on any rank: every rank drops this micro-batch's
+    gradients and the step runs at lr 0 (weights unchanged); reason "loss", sums None. A non-finite
+    gradient norm at the step's last micro-batch: DeepSpeed skips the optimizer step; reason "gradient".
     """
     batch = M.to_device(batch, s.device)
     ref = reference_out(s, batch)
     pol = M.sequence_logps(s.engine, batch, s.objective.keep_logits, s.tap, s.encoder, n_max)
     out = s.objective.fn(pol, ref)
-    if poison:
+    if poison == "loss":
         out = out._replace(losses=out.losses * float("nan"))
-    bad = (~torch.isfinite(out.losses.detach()).all()).float().reshape(1)
-    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # ranks decide together
-    if bad.item():
+    elif poison == "gradient":
+        out.losses.register_hook(lambda g: g * float("nan"))
+    if _any_rank(~torch.isfinite(out.losses.detach()).all(), s.device):
         del out, pol, ref  # drop the poisoned graph: its gradients would be NaN
         for group in s.engine.optimizer.param_groups:
             group["lr"] = 0.0  # the scheduler sets it again after this optimizer step
@@ -153,32 +163,44 @@ def micro_step(
         zero = s.engine(input_ids=batch.input_ids[:1, :2]).logits.float().sum() * 0.0
         s.engine.backward(zero)
         s.engine.step()
-        return None
+        return None, "loss"
     s.engine.backward(out.losses.mean())
+    boundary = s.engine.is_gradient_accumulation_boundary()  # this micro-batch ends the step
     s.engine.step()
+    # DeepSpeed's ZeRO optimizers (deepspeed pinned in pyproject) skip a step whose gradient norm is
+    # not finite, zeroing the gradients; under fp16 that is routine loss scaling, not a fault.
+    bad_grad = boundary and getattr(s.engine.optimizer, "overflow", False) and not s.engine.fp16_enabled()
     sums = metrics.pair_metrics(out, pol.sum_logps)
     sums["tokens"] = batch.attention_mask.sum().double()
-    return sums
+    return sums, "gradient" if bad_grad else None
 
 
-def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int]]:
-    """One optimizer step (this rank's share of the global batch); returns metrics and skipped pair ids."""
+def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int], str | None]:
+    """One optimizer step (this rank's share of the global batch).
+
+    Returns metrics, the pair ids whose step was skipped and why ("loss" / "gradient"; see micro_step).
+    """
     t0, lr = time.time(), s.engine.get_lr()[0]
     r, t = s.recipe, s.recipe.train
     world = dist.world_size()
     every = [data.step_indices(len(s.pairs), r.data.seed, step, t.global_batch_size, k, world) for k in range(world)]
     idx = every[dist.rank()]
-    sums, skipped, poison = [], [], step + 1 in _fault_nan_steps()
+    sums, skipped, reason = [], [], None
+    poison = "loss" if step + 1 in _fault_steps("FPO_DS_FAULT_NAN_STEPS") else None
+    poison = "gradient" if step + 1 in _fault_steps("FPO_DS_FAULT_NAN_GRAD_STEPS") else poison
     for i in range(0, len(idx), t.micro_batch_size):
         chunk = [s.pairs[j] for j in idx[i : i + t.micro_batch_size]]
         # The sharded encoder gathers every rank's response tokens padded to the largest count;
         # each rank knows all ranks' pairs, so that count needs no collective.
         n_max = max(data.response_tokens([s.pairs[j] for j in ix[i : i + t.micro_batch_size]]) for ix in every)
-        got = micro_step(s, data.collate(chunk, s.tokenizer.pad_token_id), poison, n_max)
+        got, why = micro_step(s, data.collate(chunk, s.tokenizer.pad_token_id), poison, n_max)
+        reason = reason or why
         if got is None:
             skipped += [p.example_id for p in chunk]
         else:
             sums.append(got)
+    if reason == "gradient":  # the whole step's accumulated gradient was dropped
+        skipped = [s.pairs[j].example_id for j in idx]
     m = metrics.reduce(sums, s.device) if sums else {"loss": float("nan"), "tokens": 0.0}
     dt = time.time() - t0
     if s.encoder is not None:  # forward and backward each move the same volume
@@ -189,7 +211,7 @@ def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int]]:
     tokens = m.pop("tokens")
     m.update(
         lr=0.0 if skipped else lr,
-        grad_norm=float(s.engine.get_global_grad_norm() or 0.0),
+        grad_norm=float("nan") if reason == "gradient" else float(s.engine.get_global_grad_norm() or 0.0),
         tokens_per_s=tokens / dt,
         samples_per_s=t.global_batch_size / dt,
         step_time_s=dt,
@@ -201,7 +223,7 @@ def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int]]:
             "finite, so training stops before any checkpoint is written. Resume from the last checkpoint "
             "(output.resume=auto) with a lower train.lr or fp32"
         )
-    return m, skipped
+    return m, skipped, reason
 
 
 DONE = "DONE.json"  # written last by a run that reached its final step
@@ -299,16 +321,17 @@ def run(recipe: C.Recipe) -> Result:
     writer = metrics.Writer(recipe.output.dir, recipe.logging, s.total_steps, C.to_dict(recipe))
     history, preempted, bad_run, bad_total = [], False, 0, 0
     for step in range(start, s.total_steps):
-        m, skipped = train_step(s, step)
+        m, skipped, reason = train_step(s, step)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
         m["nonfinite_skipped_steps"] = bad_total
         if skipped:
             ids = sorted(set(sum(_gather_lists(skipped), [])))
-            dist.log(f"step {step + 1}: non-finite loss; step skipped (weights unchanged). Pair ids: {ids[:20]}")
+            dist.log(f"step {step + 1}: non-finite {reason}; step skipped (weights unchanged). Pair ids: {ids[:20]}")
             if bad_run >= recipe.train.max_nonfinite_steps:
                 raise FloatingPointError(
-                    f"{bad_run} steps in a row with a non-finite loss (last: step {step + 1}, pair ids {ids[:20]}); "
+                    f"{bad_run} steps in a row with a non-finite loss or gradient (last: step {step + 1}, "
+                    f"pair ids {ids[:20]}); "
                     "stopping (train.max_nonfinite_steps). Check those rows, lower train.lr, or use fp32"
                 )
         history.append({"step": step + 1, **m})

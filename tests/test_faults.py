@@ -3,7 +3,8 @@
 A fault names what broke, or leaves the last good checkpoint as "latest"; resume=auto then
 matches an uninterrupted run.
 
-Test hooks (environment): FPO_DS_FAULT_NAN_STEPS poisons rank 1's loss at those steps;
+Test hooks (environment): FPO_DS_FAULT_NAN_STEPS poisons rank 1's loss at those steps,
+FPO_DS_FAULT_NAN_GRAD_STEPS its gradients (the loss stays finite);
 FPO_DS_FAULT_DIE_IN_SAVE=N makes every rank exit abruptly (like kill -9) inside the save of step N.
 """
 
@@ -105,29 +106,41 @@ def test_deleted_checkpoint_shard_fails_fast_naming_it(world, uninterrupted, tmp
     assert "Traceback" not in text.split("FAILED")[-1][:2000]  # a message, not a library traceback
 
 
-def test_nonfinite_loss_skips_the_step_and_halts_after_a_run_of_them(world, uninterrupted, tmp_path):
+def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them(world, uninterrupted, tmp_path):
     from safetensors.torch import load_file
 
     from fpo_ds import checkpoint
 
-    out = tmp_path / "skip"
-    text = _train(world, out, "train.max_steps=3", port=29705, env={"FPO_DS_FAULT_NAN_STEPS": "3"})
+    out = tmp_path / "skip"  # ZeRO-3: step 3 has a NaN loss on rank 1, step 4 NaN gradients with a finite loss
+    env = {"FPO_DS_FAULT_NAN_STEPS": "3", "FPO_DS_FAULT_NAN_GRAD_STEPS": "4"}
+    text = _train(world, out, "train.max_steps=5", "output.save_every=1", port=29705, env=env)
     recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert recs[3]["loss"] is None and recs[3]["lr"] == 0.0 and recs[3]["nonfinite_skipped_steps"] == 1
-    assert math.isfinite(recs[2]["loss"]) and "step 3: non-finite loss; step skipped" in text and "Pair ids: [" in text
+    assert math.isfinite(recs[4]["loss"]) and recs[4]["grad_norm"] is None and recs[4]["lr"] == 0.0
+    assert recs[4]["nonfinite_skipped_steps"] == 2 and math.isfinite(recs[2]["loss"])
+    assert recs[5]["lr"] > 0 and recs[5]["nonfinite_skipped_steps"] == 2  # the next step trains again
+    assert "step 3: non-finite loss; step skipped" in text and "step 4: non-finite gradient; step skipped" in text
+    assert "Pair ids: [" in text
     skipped = load_file(
-        str(checkpoint.export(out / "checkpoints" / "step_00000003", tmp_path / "a") / "model.safetensors")
+        str(checkpoint.export(out / "checkpoints" / "step_00000004", tmp_path / "a") / "model.safetensors")
     )
     before = load_file(
         str(checkpoint.export(uninterrupted / "checkpoints" / "step_00000002", tmp_path / "b") / "model.safetensors")
     )
     assert all(torch.isfinite(t).all() for t in skipped.values())
-    assert all(torch.equal(skipped[k], before[k]) for k in before)  # the skipped step left the weights unchanged
-    halted = tmp_path / "halt"
+    assert all(torch.equal(skipped[k], before[k]) for k in before)  # both skipped steps left the weights unchanged
+    halted = tmp_path / "halt"  # ZeRO-2 skips a non-finite gradient itself; the run still counts and halts
     text = _train(
-        world, halted, "train.max_nonfinite_steps=2", port=29706, env={"FPO_DS_FAULT_NAN_STEPS": "2,3,4"}, ok=False
+        world,
+        halted,
+        "train.max_nonfinite_steps=2",
+        "deepspeed.config=ds_configs/zero2_bf16.json",
+        port=29706,
+        env={"FPO_DS_FAULT_NAN_GRAD_STEPS": "2,3,4"},
+        ok=False,
     )
-    assert "2 steps in a row with a non-finite loss (last: step 3" in text
+    assert "step 2: non-finite gradient; step skipped" in text, text[-3000:]
+    assert "2 steps in a row with a non-finite loss or gradient (last: step 3" in text
     assert not (halted / "checkpoints").exists()  # nothing written after the weights became suspect
 
 
