@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -70,8 +71,25 @@ DELEGATED = {
 }
 
 
+DISTRIBUTED = ("train", "build-cache")  # every rank reports its own failure (fpo_ds.dist)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in DISTRIBUTED:
+        return _run(argv)
+    from fpo_ds.dist import USER_ERRORS
+
+    try:
+        return _run(argv)
+    except USER_ERRORS as e:  # bad input: the message names the file/key and the fix
+        if os.environ.get("FPO_DS_TRACEBACK") == "1":
+            raise
+        print(f"fpo-ds {argv[0]}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] and argv[0] in DELEGATED:  # entry points with their own argument parsers
         import importlib
 

@@ -92,7 +92,7 @@ def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | N
 def advice(items: dict, recipe: C.Recipe, gpu_bytes: float) -> list[str]:
     total = sum(v for k, v in items.items() if not k.startswith("host"))
     if total <= 0.9 * gpu_bytes:
-        return [f"fits: {total / GIB:.1f} GiB of {gpu_bytes / GIB:.0f} GiB ({100 * total / gpu_bytes:.0f}%)"]
+        return [f"fits: {total / GIB:.2f} GiB of {gpu_bytes / GIB:.0f} GiB ({100 * total / gpu_bytes:.1f}%)"]
     tips = [f"does NOT fit: {total / GIB:.1f} GiB needed, {gpu_bytes / GIB:.0f} GiB per GPU (keep 10% headroom)"]
     if not recipe.model.gradient_checkpointing:
         tips.append("set model.gradient_checkpointing=true (activations shrink to ~2*hidden bytes per token per layer)")
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         d_sae = json.loads((Path(recipe.sae.path) / "cfg.json").read_text())["d_sae"]
     items = estimate(recipe, nums, args.nodes, args.gpus_per_node, d_sae)
     print(
-        f"{recipe.model.name_or_path}: {nums['params'] / 1e9:.2f}B params, {nums['layers']} layers, "
+        f"{recipe.model.name_or_path}: {nums['params'] / 1e6:,.1f}M params, {nums['layers']} layers, "
         f"hidden {nums['hidden']}, vocab {nums['vocab']}; {args.nodes} x {args.gpus_per_node} GPUs"
     )
     for k, v in items.items():
-        print(f"  {k:24s} {v / GIB:8.2f} GiB")
+        print(f"  {k:24s} {v / GIB:8.2f} GiB {v / 2**20:12,.1f} MiB")
     for line in advice(items, recipe, args.gpu_mem * GIB):
         print(line)
 

@@ -160,13 +160,13 @@ class _EncodePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xc, dest, enc, n_rows):
         out = torch.zeros(n_rows, enc.width, dtype=enc.dtype, device=xc.device)
-        fired = []
+        fired = [xc.new_zeros(0, -(-enc.width // 8), dtype=torch.uint8)]
         for i in range(0, xc.shape[0], enc.CHUNK_TOKENS):
             acts = enc.activate_(torch.addmm(enc.b_enc, xc[i : i + enc.CHUNK_TOKENS], enc.W_enc))
             out.index_add_(0, dest[i : i + enc.CHUNK_TOKENS], acts)
-            fired.append(pack_bits(acts > 0))
-        packed = torch.cat(fired) if fired else xc.new_zeros(0, -(-enc.width // 8), dtype=torch.uint8)
-        ctx.save_for_backward(dest, packed)
+            if ctx.needs_input_grad[0]:  # not in the cache build or evaluation
+                fired.append(pack_bits(acts > 0))
+        ctx.save_for_backward(dest, torch.cat(fired))
         ctx.enc = enc
         return out
 

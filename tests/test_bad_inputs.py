@@ -217,3 +217,13 @@ def test_relative_deepspeed_config_found_from_any_directory(tmp_path, monkeypatc
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero3_fp32.json").write_text('{"zero_optimization": {"stage": 2}}')
     assert M.deepspeed_config("ds_configs/zero3_fp32.json", 8, 1, 2)["zero_optimization"]["stage"] == 2  # cwd wins
+
+
+def test_cli_reports_bad_input_in_one_paragraph(capsys):
+    from fpo_ds import cli
+
+    assert cli.main(["plan", str(ROOT / "recipes/tiny.yaml"), "loss.method=fpo", "train.lr=fast"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fpo-ds plan: FAILED: ConfigError:") and "train.lr: expected a number" in err
+    assert cli.main(["export", str(ROOT / "no-such-checkpoint"), "out"]) == 1
+    assert "no-such-checkpoint" in capsys.readouterr().err
