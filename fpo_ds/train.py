@@ -54,6 +54,20 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
+def adamw(params, train_cfg, ds_cfg: dict) -> torch.optim.Optimizer:
+    """AdamW: torch's, or DeepSpeed's CPU Adam (AdamW mode) when the JSON offloads the optimizer.
+
+    DeepSpeed refuses a torch optimizer under ZeRO-Offload; its CPU Adam is JIT-compiled on first use.
+    """
+    t = train_cfg
+    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+
+
 def total_steps(n_pairs: int, train_cfg) -> int:
     per_epoch = n_pairs // train_cfg.global_batch_size
     if per_epoch == 0:
@@ -90,7 +104,7 @@ def setup(recipe: C.Recipe) -> Setup:
     if recipe.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = recipe.train
-    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    opt = adamw(policy.parameters(), t, ds_cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, steps, t.schedule))
     engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     del keep

@@ -117,6 +117,19 @@ def runs(tmp_path_factory):
             ),
         }
     )
+    spec.append(
+        {
+            "name": "offload",  # ZeRO-Offload: DeepSpeed's CPU Adam (JIT-compiled once, ~35 s on 2 cores)
+            "action": "train",
+            "recipe": _recipe(
+                tmp,
+                g,
+                "offload",
+                loss={"method": "dpo"},
+                deepspeed={"config": str(ROOT / "ds_configs/zero3_offload_bf16.json")},
+            ),
+        }
+    )
     inv = dict(loss={"method": "dpo"}, train={"global_batch_size": 2, "max_steps": 3})
     spec.append({"name": "ranks2_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r2m1", **inv)})
     # FPO: a JumpReLU SAE on the last block's residual stream, saved with sae-lens's own save_model.
@@ -207,8 +220,8 @@ def test_offline_reference_matches_live(runs):
     assert sum(p["rows"] for p in manifest["parts"]) == 32
 
 
-def test_bf16_and_zero2_with_checkpointing_train(runs):
-    for name in ("bf16", "zero2"):
+def test_bf16_zero2_and_offload_train(runs):
+    for name in ("bf16", "zero2", "offload"):
         hist = runs["two"][name]["history"]
         assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
         assert abs(hist[0]["loss"] - LN2) < 2e-2  # bf16 logits: ln 2 up to rounding
