@@ -11,6 +11,7 @@ Per-GPU memory, itemised:
   logits         (2 * micro) sequences x max_length x vocab x LOGIT_BYTES (16-bit logits, their
                  fp32 upcast in log-softmax and its gradient)
   SAE shard      d_in * ceil(d_sae / world) fp32 encoder columns (FPO)
+  (offload_optimizer / offload_param in the recipe's DeepSpeed JSON move model states to the host)
   SAE encode     every rank's response tokens gathered in fp32 (world x tokens x (d_in + 1)), the
                  bits of which features fired (world x tokens x width / 8) and one chunk's
                  pre-activations (CHUNK_TOKENS x width fp32 and its mask) (FPO)
@@ -55,8 +56,14 @@ def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | N
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     world = nodes * gpus
-    _, states, _ = estimate_zero3_model_states_mem_needs(
-        nums["params"], nums["largest_layer"], gpus, nodes, cpu_offload=False, cpu_offload_params=False
+    zero = zero_settings(recipe.deepspeed.config)
+    host_states, states, _ = estimate_zero3_model_states_mem_needs(
+        nums["params"],
+        nums["largest_layer"],
+        gpus,
+        nodes,
+        cpu_offload=zero["offload_optimizer"],
+        cpu_offload_params=zero["offload_param"],
     )
     seqs, length, h, layers = 2 * recipe.train.micro_batch_size, recipe.data.max_length, nums["hidden"], nums["layers"]
     tokens = seqs * length
@@ -67,7 +74,8 @@ def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | N
     # What DeepSpeed's estimator leaves out: the fp32 gradient partition and the 16-bit reduce /
     # contiguous-gradient buffers (bounded by reduce_bucket_size, 5e8 by default). Calibrated on one
     # measured H200 run (bench/calibrate_plan.py): SFT/SimPO/DPO/TDPO all sat ~10 bytes/param above.
-    buffers = 4 * nums["params"] // world + 6 * min(nums["params"], 500_000_000)
+    grad_partition = 0 if zero["offload_optimizer"] else 4 * nums["params"] // world  # offload keeps it on the host
+    buffers = grad_partition + 6 * min(nums["params"], 500_000_000)
     out = {
         "model_states": states,
         "zero_buffers": buffers,
@@ -86,7 +94,26 @@ def estimate(recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | N
         out["sae_encode"] = gathered * (h + 1) * 4 + gathered * width // 8 + ShardedEncoder.CHUNK_TOKENS * width * 5
         k_cache = recipe.cache.k_cache or 4 * recipe.sae.k
         out["host_cache_per_1k_pairs"] = 1000 * (2 * k_cache * 8 + 28) // world
+    if zero["offload_optimizer"] or zero["offload_param"]:
+        out["host_model_states_per_node"] = int(host_states)
     return out
+
+
+def zero_settings(ds_config: str) -> dict:
+    """Offload settings of the recipe's DeepSpeed JSON; the estimate models ZeRO-3 only."""
+    import json
+
+    from fpo_ds.model import ds_config_path
+
+    path = ds_config_path(ds_config)
+    zero = json.loads(path.read_text()).get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(
+            f"deepspeed.config: {path} is ZeRO stage {zero.get('stage')}; fpo-ds plan models ZeRO-3 runs "
+            "(pick ds_configs/zero3_*.json)"
+        )
+    on_host = lambda key: zero.get(key, {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
+    return {"offload_optimizer": on_host("offload_optimizer"), "offload_param": on_host("offload_param")}
 
 
 def advice(items: dict, recipe: C.Recipe, gpu_bytes: float) -> list[str]:
