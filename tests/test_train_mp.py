@@ -5,6 +5,7 @@ method on a tiny Gemma2 and a tiny Llama plus resume/offline/export runs, one 1-
 provides the single-process references for the invariance checks.
 """
 
+import glob
 import json
 import math
 import os
@@ -45,6 +46,8 @@ def _launch(nproc: int, spec: list, out: Path, timeout: int = 900) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    # DeepSpeed's CPU shared-memory buffers (66 MiB per rank) must not outlive the run (fpo_ds.dist)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return json.loads((out / "results.json").read_text())
 
 
