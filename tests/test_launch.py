@@ -221,7 +221,9 @@ def _wait_state(job: str, states: set, timeout: float, release: bool = False) ->
     raise AssertionError(f"job {job} not in {states} after {timeout}s: {_job(job)}")
 
 
-def _sbatch(world, name: str, *extra: str, steps: int = STEPS, epochs: int = 1) -> tuple[str, Path]:
+def _sbatch(
+    world, name: str, *extra: str, steps: int = STEPS, epochs: int = 1, script: str = "slurm/train.sh", over=()
+) -> tuple[str, Path]:
     log = world["base"] / f"{name}.slurm.out"
     cmd = [
         "sbatch",
@@ -231,8 +233,9 @@ def _sbatch(world, name: str, *extra: str, steps: int = STEPS, epochs: int = 1) 
         "--cpus-per-task=1",
         f"--output={log}",
         *extra,
-        "slurm/train.sh",
+        script,
         *_args(world, name, steps, epochs),
+        *over,
     ]
     env = dict(ENV, PYTHON=PY)
     job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
@@ -260,6 +263,18 @@ def test_sbatch_trains_with_distinct_ranks(slurm, world, reference):
     assert "topology (slurm): world 2" in text and "rank 0/2" in text and "rank 1/2" in text
     assert (world["base"] / "sbatch" / "checkpoints" / "step_00000003" / "COMPLETE.json").is_file()
     assert _losses(world, "sbatch") == pytest.approx(reference, abs=1e-6)
+
+
+def test_sbatch_cache_job_then_dependent_offline_training(slurm, world, reference):
+    """The documented cluster workflow: slurm/build_cache.sh, then training that waits for it (afterok)."""
+    offline = ["loss.reference=offline", f"cache.dir={world['base'] / 'slurm-cache'}"]
+    cache_job, cache_log = _sbatch(world, "cachejob", script="slurm/build_cache.sh", over=offline)
+    job, log = _sbatch(world, "offline", f"--dependency=afterok:{cache_job}", over=offline)
+    assert _wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300) == "COMPLETED", (
+        cache_log.read_text()[-3000:] + log.read_text()[-3000:]
+    )
+    assert _job(cache_job)["JobState"] == "COMPLETED" and (world["base"] / "slurm-cache" / "manifest.json").is_file()
+    assert _losses(world, "offline") == pytest.approx(reference, abs=1e-5)  # offline == live reference
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm, world):
