@@ -57,7 +57,12 @@ def load_rows(path: str, split: str):
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     if p.suffix in LOCAL_BUILDERS:
         if not p.is_file():
-            raise FileNotFoundError(f"data.path: {p} does not exist")
+            from fpo_ds.toy import WORLD_HINT
+
+            raise FileNotFoundError(
+                f"data.path: {p} does not exist under {Path.cwd()}: pass data.path=<jsonl/json/parquet/arrow file, "
+                f"save_to_disk directory or hub dataset>. {WORLD_HINT}"
+            )
         if p.stat().st_size == 0:
             raise ValueError(f"data.path: {p} is empty; point data.path at a file with preference rows")
         if p.suffix == ".jsonl":

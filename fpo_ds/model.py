@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from fpo_ds import toy
 from fpo_ds.data import Batch
 from fpo_ds.losses import IGNORE_INDEX, token_logps
 
@@ -156,7 +157,10 @@ def check_model_path(name_or_path: str) -> None:
     p = Path(name_or_path)
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
     if looks_local and not p.exists():
-        raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist (a local directory was expected)")
+        raise FileNotFoundError(
+            f"model.name_or_path: {name_or_path} does not exist under {Path.cwd()} (a local directory was "
+            f"expected): pass model.name_or_path=<save_pretrained directory or hub id>. {toy.WORLD_HINT}"
+        )
     if p.is_dir() and not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.name_or_path: {name_or_path} has no config.json (not a save_pretrained dir)")
 

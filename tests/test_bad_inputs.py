@@ -61,8 +61,10 @@ def test_sae_that_cannot_read_the_model(world):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.name_or_path: /no/such/model does not exist"):
-        M.check_model_path("/no/such/model")
+    with pytest.raises(FileNotFoundError, match="model.name_or_path: /no/such/model does not exist.*fpo-ds toy"):
+        M.check_model_path("/no/such/model")  # the fix is named: another path, or how the tiny world is made
+    with pytest.raises(FileNotFoundError, match="data.path: .*nope.jsonl does not exist.*pass data.path="):
+        D.load_rows(str(tmp_path / "nope.jsonl"), "train")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         M.check_model_path(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="sae.path: .* has no cfg.json"):
