@@ -7,6 +7,7 @@ its `example_id` (row index in the source split) so caches and resumes can name 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,10 +238,15 @@ def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> tuple
 # ----------------------------------------------------------------------------- order and batches
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Deterministic permutation of range(n) for one epoch."""
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic permutation of range(n) for one epoch (computed once, then cached)."""
+    return list(_permutation(n, seed, epoch))
 
 
 def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[int]:
@@ -257,11 +263,10 @@ def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, wor
         raise ValueError(f"only {n} pairs: fewer than one global batch ({global_batch})")
     epoch, s = divmod(step, steps_per_epoch)
     if epoch:
-        s = epoch_order(steps_per_epoch, seed, epoch)[s]
-    order = epoch_order(n, seed, 0)
+        s = _permutation(steps_per_epoch, seed, epoch)[s]
     per_rank = global_batch // world
     start = s * global_batch + rank * per_rank
-    return order[start : start + per_rank]
+    return list(_permutation(n, seed, 0)[start : start + per_rank])
 
 
 def response_tokens(pairs: list[Pair]) -> int:
