@@ -147,6 +147,7 @@ def _fault_steps(var: str) -> set[int]:
 
 
 def _any_rank(flag: bool | torch.Tensor, device: str) -> bool:
+    """Collective: True on every rank when `flag` is true on any rank."""
     t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
@@ -289,9 +290,7 @@ class Preemption:
 
     def agreed(self, device: str) -> bool:
         """Collective: ranks may get the signal at different steps; stop when any rank got it."""
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return _any_rank(self.signal is not None, device)
 
 
 def _gather_lists(items: list) -> list[list]:
