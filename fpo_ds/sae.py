@@ -319,8 +319,11 @@ class ShardedEncoder:
         pad = n_max - tokens.shape[0]
         if pad < 0:
             raise ValueError(f"ShardedEncoder.pooled: {tokens.shape[0]} response tokens exceed n_max={n_max}")
-        # One gather carries each token and, in an extra column, the row it belongs to (exact in
-        # float up to 2^24 rows); padding tokens go to a spare row `rows` that is dropped.
+        # One gather carries each token and, in an extra column, the row it belongs to; padding
+        # tokens go to a spare row `rows` that is dropped. Row ids must be exact in the column's
+        # float type (bf16: up to 256), else the gather runs in fp32.
+        exact = rows <= 2 / torch.finfo(tokens.dtype).eps  # integers are exact up to 2^(mantissa bits + 1)
+        tokens = tokens if exact else tokens.float()
         row_col = torch.nn.functional.pad(row_of, (0, pad), value=rows).to(tokens.dtype).unsqueeze(1)
         packed = torch.cat([torch.nn.functional.pad(tokens, (0, 0, 0, pad)), row_col], 1)
         gathered = _GatherRows.apply(packed)  # (W, n_max, d_in + 1)
@@ -330,7 +333,7 @@ class ShardedEncoder:
         sums = sums.reshape(self.world, rows + 1, self.width)[:, :rows]
         mine = _AllToAll.apply(sums)  # (W, rows, width): slice i of my rows, from rank i
         full = mine.permute(1, 0, 2).reshape(rows, self.world * self.width)[:, : self.d_sae]
-        item = h.element_size()
+        item = packed.element_size()
         self.bytes_per_call = (self.world - 1) * (
             n_max * (self.d_in + 1) * item + 2 * rows * self.width * sums.element_size()
         )

@@ -127,7 +127,12 @@ def sae_check(out: Path) -> dict:
         }
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, res)
-    return {"per_rank": gathered}
+    # bf16 hidden states with more rows than bf16 counts exactly (256): row ids must stay exact.
+    enc = ShardedEncoder(toy.random_sae("standard", 16, 37, 1, seed=3), rank, world)
+    hb = torch.randn(300, 2, 16, generator=torch.Generator().manual_seed(7 + rank)).to(torch.bfloat16)
+    mb = torch.ones(300, 2, dtype=torch.bool)
+    err = (enc.pooled(hb, mb) - enc.pooled(hb.float(), mb)).abs().max().item()
+    return {"per_rank": gathered, "bf16_many_rows_err": err}
 
 
 if __name__ == "__main__":

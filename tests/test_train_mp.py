@@ -336,6 +336,7 @@ def test_sharded_encoder_matches_sae_lens(runs):
             assert r["n_max_given_equal"], (arch, r)
             # 2 ranks: this rank's resident share of the encoder is half of W_enc and b_enc (+ b_dec)
             assert r["resident_bytes"] <= r["encoder_bytes"] / 2 + 16 * 4 * 2 + 96, (arch, r)
+    assert runs["two"]["sae"]["bf16_many_rows_err"] <= 1e-6  # row ids exact with bf16 and 300 rows
 
 
 def _reader(recipe_path, *overrides):
