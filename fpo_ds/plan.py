@@ -11,11 +11,11 @@ Per-GPU memory, itemised:
   logits         (2 * micro) sequences x max_length x vocab x LOGIT_BYTES (16-bit logits, their
                  fp32 upcast in log-softmax and its gradient)
   SAE shard      d_in * ceil(d_sae / world) fp32 encoder columns (FPO)
-  (offload_optimizer / offload_param in the recipe's DeepSpeed JSON move model states to the host)
   SAE encode     every rank's response tokens gathered in fp32 (world x tokens x (d_in + 1)), the
                  bits of which features fired (world x tokens x width / 8) and one chunk's
                  pre-activations (CHUNK_TOKENS x width fp32 and its mask) (FPO)
-and on the host: the rank's cache part (bytes/pair x pairs / world). bench/calibrate_plan.py
+and on the host: the rank's cache part (bytes/pair x pairs / world), and the model states that
+offload_optimizer / offload_param in the recipe's DeepSpeed JSON move there. bench/calibrate_plan.py
 compares the estimate with the CUDA peaks a bench/gpu.sh run measured.
 """
 
