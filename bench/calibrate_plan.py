@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from fpo_ds import config as C
-from fpo_ds import data, plan, toy
+from fpo_ds import data
 from fpo_ds import model as M
+from fpo_ds.tools import plan, toy
 
 
 def main(path: str) -> None:

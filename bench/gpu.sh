@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-gpu}; shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m fpo_ds.bench --out "$out" --nproc 1 --hidden 1024 --layers 16 --d-sae 16384 --micro 128 \
+python3 -m fpo_ds.tools.bench --out "$out" --nproc 1 --hidden 1024 --layers 16 --d-sae 16384 --micro 128 \
   --steps 15 --warmup 5 --repeats 1 --peak-tflops "${PEAK_TFLOPS:-989}" "$@"

@@ -25,7 +25,7 @@ def _validate(args) -> int:
 
 
 def _toy(args) -> int:
-    from fpo_ds import toy
+    from fpo_ds.tools import toy
 
     out = toy.write_world(args.out, args.arch, args.n_train, args.n_eval, args.seed)
     print(f"wrote tiny {args.arch} world to {out}")
@@ -41,7 +41,7 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
-    from fpo_ds import evaluate, toy
+    from fpo_ds.tools import evaluate, toy
 
     models = dict(m.split("=", 1) for m in args.model)
     judge = toy.judge if args.judge == "toy" else None
@@ -65,9 +65,9 @@ def _eval(args) -> int:
 DELEGATED = {
     "train": "fpo_ds.train",
     "build-cache": "fpo_ds.cache",
-    "demo": "fpo_ds.demo",
-    "bench": "fpo_ds.bench",
-    "plan": "fpo_ds.plan",
+    "demo": "fpo_ds.tools.demo",
+    "bench": "fpo_ds.tools.bench",
+    "plan": "fpo_ds.tools.plan",
 }
 
 

@@ -58,7 +58,7 @@ def load_rows(path: str, split: str):
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     if p.suffix in LOCAL_BUILDERS:
         if not p.is_file():
-            from fpo_ds.toy import WORLD_HINT
+            from fpo_ds.config import WORLD_HINT
 
             raise FileNotFoundError(
                 f"data.path: {p} does not exist under {Path.cwd()}: pass data.path=<jsonl/json/parquet/arrow file, "

@@ -3,7 +3,7 @@
 Under ZeRO-3 the model is constructed partitioned (transformers' HfDeepSpeedConfig makes
 `from_pretrained` run inside `deepspeed.zero.Init`), so a 9B model is never whole on a rank.
 Random initialisation never happens here: tiny test models are written to disk first
-(see toy.py), which sidesteps transformers' init on already-partitioned embeddings.
+(see tools/toy.py), which sidesteps transformers' init on already-partitioned embeddings.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from fpo_ds import toy
+from fpo_ds.config import WORLD_HINT
 from fpo_ds.data import Batch
 from fpo_ds.losses import IGNORE_INDEX, token_logps
 
@@ -159,7 +159,7 @@ def check_model_path(name_or_path: str) -> None:
     if looks_local and not p.exists():
         raise FileNotFoundError(
             f"model.name_or_path: {name_or_path} does not exist under {Path.cwd()} (a local directory was "
-            f"expected): pass model.name_or_path=<save_pretrained directory or hub id>. {toy.WORLD_HINT}"
+            f"expected): pass model.name_or_path=<save_pretrained directory or hub id>. {WORLD_HINT}"
         )
     if p.is_dir() and not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.name_or_path: {name_or_path} has no config.json (not a save_pretrained dir)")

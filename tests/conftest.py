@@ -11,7 +11,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from fpo_ds import toy
+    from fpo_ds.tools import toy
 
     texts = [p[k] for p in toy.toy_pairs(200, 0) for k in ("prompt", "chosen", "rejected")] + ["user", "model"]
     return toy.build_tokenizer(texts)
@@ -20,6 +20,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A tiny gemma2 world on disk (model dir + jsonl data)."""
-    from fpo_ds import toy
+    from fpo_ds.tools import toy
 
     return toy.write_world(tmp_path_factory.mktemp("world"), "gemma2", n_train=64, n_eval=16)

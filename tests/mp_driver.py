@@ -80,8 +80,9 @@ def zero_init_check(recipe) -> dict:
 
 def sae_check(out: Path) -> dict:
     """Sharded encode vs sae-lens's own encode on the full SAE, forward and gradients."""
-    from fpo_ds import losses, toy
+    from fpo_ds import losses
     from fpo_ds.sae import ShardedEncoder
+    from fpo_ds.tools import toy
 
     res = {}
     rank, world = dist.rank(), dist.world_size()

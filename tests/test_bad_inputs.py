@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from fpo_ds import config as C
 from fpo_ds import data as D
 from fpo_ds import model as M
-from fpo_ds import toy
 from fpo_ds.losses import IGNORE_INDEX
 from fpo_ds.sae import check_against_model, load_sae
+from fpo_ds.tools import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 

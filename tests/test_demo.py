@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fpo_ds import evaluate, report
+from fpo_ds.tools import evaluate, report
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

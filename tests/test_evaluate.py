@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fpo_ds import evaluate, report, toy
 from fpo_ds import model as M
+from fpo_ds.tools import evaluate, report, toy
 
 
 def test_win_rate_counts_ties_half():

@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import subprocess_env
 
-from fpo_ds import toy
+from fpo_ds.tools import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import subprocess_env
 
-from fpo_ds import toy
+from fpo_ds.tools import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

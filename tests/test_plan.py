@@ -3,7 +3,7 @@
 import pytest
 
 from fpo_ds import config as C
-from fpo_ds import plan
+from fpo_ds.tools import plan
 
 NUMS = {"params": 2_600_000_000, "largest_layer": 590_000_000, "hidden": 2304, "layers": 26, "vocab": 256_000}
 

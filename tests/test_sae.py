@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fpo_ds import losses, toy
+from fpo_ds import losses
 from fpo_ds.sae import ShardedEncoder, pack_bits, unpack_bits
+from fpo_ds.tools import toy
 
 VARIANTS = {
     "standard": ("standard", {}),

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from fpo_ds import toy
+from fpo_ds.tools import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

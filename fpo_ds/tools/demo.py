@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fpo_ds import checkpoint, evaluate, report, toy
+from fpo_ds import checkpoint
+from fpo_ds.tools import evaluate, report, toy
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 METHODS = ("dpo", "simpo", "tdpo2", "fpo")

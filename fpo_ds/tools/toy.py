@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 
 # Where the embedded default's paths come from (said by the errors for a missing model or data path).
-WORLD_HINT = "recipes/tiny.yaml's model and data are written by `fpo-ds toy runs/demo/world` (or `make demo`)"
 
 # Gemma-style turns: the same template shape as the paper's model family.
 CHAT_TEMPLATE = (

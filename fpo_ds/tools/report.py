@@ -9,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from fpo_ds.evaluate import win_rate
+from fpo_ds.tools.evaluate import win_rate
 
 COLUMNS = [
     ("judge_accuracy", "judge acc"),

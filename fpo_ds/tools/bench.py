@@ -17,7 +17,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from fpo_ds import pipeline, toy
+from fpo_ds import pipeline
+from fpo_ds.tools import toy
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 METHODS = {  # name -> overrides
