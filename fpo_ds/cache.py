@@ -10,25 +10,22 @@ Layout (`cache.dir`):
     manifest.json                     written last: fingerprint, parts, sha256 and row counts
 
 The directory is built under `<dir>.partial` and renamed into place, so a crash never
-leaves a directory that looks complete.
+leaves a directory that looks complete. This module defines the format and reads it; the
+build (`fpo-ds build-cache`) lives in cache_build.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fpo_ds import config as C
 from fpo_ds import data, dist
-from fpo_ds import model as M
+from fpo_ds.data import Batch
 from fpo_ds.objective import RefOut
 
 FORMAT = 1
@@ -38,7 +35,7 @@ def rebuild_hint() -> str:
     return "delete it and rebuild with: fpo-ds build-cache RECIPE (under torchrun/srun, like training)"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -90,7 +87,25 @@ def has_features(recipe: C.Recipe) -> bool:
 
 
 def k_cache(recipe: C.Recipe) -> int:
+    """Sparse entries kept per pooled feature vector (the rule lives here only: null means 4 * sae.k)."""
     return recipe.cache.k_cache or 4 * recipe.sae.k
+
+
+# A row's approximation is "material" when the largest value it dropped exceeds this share of the
+# smallest value it kept: the cache then misses a feature nearly as active as one it holds.
+DROP_RATIO = 0.01
+
+
+def approximation_note(manifest: dict) -> str | None:
+    """One line on how much a finite k_cache dropped, from the manifest (None for a log-probs-only cache)."""
+    a = manifest.get("approximation")
+    if not a:
+        return None
+    return (
+        f"cache approximation (k_cache {manifest['k_cache']}): {a['material_rows']} of {a['rows']} pooled feature "
+        f"vectors ({100 * a['material_share']:.2f}%) dropped a value above {100 * DROP_RATIO:.0f}% of their smallest "
+        f"kept one; largest dropped value {a['max_dropped']:.4g}"
+    )
 
 
 def part_name(rank: int, world: int) -> str:
@@ -104,112 +119,6 @@ def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]
     return [
         i for s in range(steps) for i in data.step_indices(n, recipe.data.seed, s, t.global_batch_size, rank, world)
     ]
-
-
-# ----------------------------------------------------------------------------- build
-
-
-def _sparse(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, d_sae) -> top-k (idx int32, val f32) with -1 for non-positive entries, and the largest dropped value."""
-    top = features.float().topk(min(k + 1, features.shape[1]), dim=1)
-    vals, idx = top.values[:, :k], top.indices[:, :k]
-    dropped = top.values[:, k] if top.values.shape[1] > k else torch.zeros(features.shape[0], device=features.device)
-    idx = torch.where(vals > 0, idx, torch.full_like(idx, -1))
-    pad = k - vals.shape[1]  # an SAE narrower than k_cache
-    if pad > 0:
-        vals = torch.nn.functional.pad(vals, (0, pad))
-        idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
-    return idx.int(), torch.where(idx >= 0, vals, torch.zeros_like(vals)), dropped.clamp(min=0)
-
-
-def _pair_rows(x: torch.Tensor) -> torch.Tensor:
-    """(2b, ...) chosen rows then rejected rows -> (b, 2, ...)."""
-    b = x.shape[0] // 2
-    return torch.stack([x[:b], x[b:]], 1)
-
-
-def build(recipe: C.Recipe) -> Path:
-    """Collective: every rank runs the reference over its own shard and writes its part."""
-    from deepspeed.accelerator import get_accelerator
-
-    dist.init(recipe.deepspeed.timeout_minutes)
-    rank, world = dist.rank(), dist.world_size()
-    final = Path(recipe.cache.dir)
-    if final.exists():
-        raise FileExistsError(f"cache.dir: {final} already exists; delete it (or pick another cache.dir) to rebuild")
-    tmp = final.with_name(final.name + ".partial")
-    t, device = recipe.train, get_accelerator().current_device_name()
-    ds_cfg = M.deepspeed_config(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world)
-    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
-    pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
-    positions = rank_positions(len(pairs), recipe, rank, world)
-    encoder = layer = None
-    if has_features(recipe):  # sae-lens is imported before zero.Init
-        from fpo_ds import sae
-
-        encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), rank, world, device)
-    engine = M.frozen_engine(recipe.model, ds_cfg)
-    tap = M.ResidualTap(engine.module, layer) if encoder else None
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    tdist.barrier()
-    cols: dict[str, list] = {
-        "example_id": [],
-        "sum_logps": [],
-        "n_tokens": [],
-        "feat_idx": [],
-        "feat_val": [],
-        "feat_dropped_max": [],
-    }
-    mb = t.micro_batch_size
-    t_start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(positions), mb):
-            batch = M.to_device(data.collate([pairs[j] for j in positions[i : i + mb]], tok.pad_token_id), device)
-            out = M.sequence_logps(engine, batch, tap=tap, encoder=encoder)
-            cols["example_id"].append(batch.example_ids.cpu())
-            cols["sum_logps"].append(_pair_rows(out.sum_logps.float()).cpu())
-            cols["n_tokens"].append(_pair_rows(out.n_tokens.int()).cpu())
-            if encoder:
-                idx, val, dropped = _sparse(out.features, k_cache(recipe))
-                cols["feat_idx"].append(_pair_rows(idx).cpu())
-                cols["feat_val"].append(_pair_rows(val).cpu())
-                cols["feat_dropped_max"].append(_pair_rows(dropped).cpu())
-            if (i // mb) % 50 == 0:
-                dist.log(f"build-cache: {i + mb}/{len(positions)} pairs on rank 0")
-    seconds = time.perf_counter() - t_start  # the reference pass (forward, SAE, top-k), before writing
-    tensors = {k: torch.cat(v) for k, v in cols.items() if v}
-    name = part_name(rank, world)
-    save_file(tensors, str(tmp / name))
-    entry = {"file": name, "rows": len(positions), "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-    entries = [None] * world
-    tdist.all_gather_object(entries, entry)
-    if rank == 0:
-        C.dump(recipe, tmp / "recipe.yaml")
-        manifest = {
-            "format": FORMAT,
-            "fingerprints": fingerprints(recipe, tok, data_fp),
-            "k_cache": k_cache(recipe) if encoder else None,
-            "world_size": world,
-            "global_batch_size": t.global_batch_size,
-            "data_seed": recipe.data.seed,
-            "n_pairs": len(pairs),
-            "build_seconds": seconds,
-            "parts": entries,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, final)
-        rows = sum(e["rows"] for e in entries)
-        size = sum(e["bytes"] for e in entries)
-        dist.log(f"build-cache: wrote {rows} pairs in {world} parts to {final} ({size / max(rows, 1):.0f} bytes/pair)")
-    tdist.barrier()
-    if tap:
-        tap.remove()
-    return final
-
-
-# ----------------------------------------------------------------------------- read
 
 
 class Reader:
@@ -238,7 +147,8 @@ class Reader:
                 f"{rebuild_hint()}"
             )
         self.rows: dict[int, tuple[int, int]] = {}  # example id -> (table, row)
-        self.read_seconds = 0.0  # time spent in ref_out since the trainer last read it
+        if self.features and approximation_note(self.manifest):
+            dist.log(approximation_note(self.manifest))
         self.tables: list[dict[str, torch.Tensor]] = []
         mine = (self.manifest["world_size"], self.manifest["global_batch_size"], self.manifest["data_seed"]) == (
             dist.world_size(),
@@ -252,7 +162,7 @@ class Reader:
         path = self.dir / part["file"]
         if not path.is_file():
             raise FileNotFoundError(f"cache part {path} is missing; {rebuild_hint()}")
-        if path.stat().st_size != part.get("bytes", path.stat().st_size) or _sha256(path) != part["sha256"]:
+        if path.stat().st_size != part.get("bytes", path.stat().st_size) or sha256(path) != part["sha256"]:
             raise ValueError(f"cache part {path} is truncated or corrupted (size/sha256 mismatch); {rebuild_hint()}")
         table = load_file(str(path))
         if self.features and "feat_idx" not in table:
@@ -261,6 +171,9 @@ class Reader:
         self.tables.append(table)
         for i, ex in enumerate(table["example_id"].tolist()):
             self.rows[ex] = (t, i)
+
+    def __call__(self, batch: Batch) -> RefOut:
+        return self.ref_out(batch.example_ids)
 
     def ref_out(self, example_ids: torch.Tensor) -> RefOut:
         """(b,) example ids -> RefOut over (chosen rows; rejected rows), shape (2b, ...)."""
@@ -277,20 +190,3 @@ class Reader:
         if not self.features:
             return RefOut(s, s / n)
         return RefOut(s, s / n, None, column("feat_idx").long(), column("feat_val"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`fpo-ds build-cache RECIPE [key=value ...]` (run under the same launcher as training)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="fpo-ds build-cache", description="build the offline reference cache")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    args = p.parse_args(argv)
-    build(C.load(args.recipe, args.overrides))
-    dist.shutdown(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from fpo_ds import config as C
-from fpo_ds import dist
+from fpo_ds import dist, faults
 
 MARKER = "COMPLETE.json"
 
@@ -55,8 +55,7 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
     try:
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
-        if os.environ.get("FPO_DS_FAULT_DIE_IN_SAVE") == str(step):  # test hook: every rank dies mid-save
-            os._exit(137)
+        faults.maybe_die_in_save(step)
         tdist.barrier()  # every rank's files are written before the marker says so
         if dist.rank() == 0:
             model_config.save_pretrained(tag_dir / "hf")

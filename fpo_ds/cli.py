@@ -64,7 +64,7 @@ def _eval(args) -> int:
 
 DELEGATED = {
     "train": "fpo_ds.train",
-    "build-cache": "fpo_ds.cache",
+    "build-cache": "fpo_ds.cache_build",
     "demo": "fpo_ds.tools.demo",
     "bench": "fpo_ds.tools.bench",
     "plan": "fpo_ds.tools.plan",

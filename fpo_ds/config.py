@@ -56,7 +56,6 @@ class DataConfig:
     path: str = dataclasses.field(default=MISSING_REQUIRED)  # type: ignore[assignment]
     """Hub dataset name, a local .jsonl/.json/.parquet/.arrow file, or a `save_to_disk` dir."""
     split: str = "train"
-    eval_split: str | None = None
     max_length: int = 1024
     """Tokens of prompt + response (the longer of chosen/rejected)."""
     max_prompt_length: int = 512
@@ -80,6 +79,10 @@ class SAEConfig:
     """Top-k features of policy and of reference whose union the MSE runs over."""
     feature_weights: str | None = None
     """Optional .pt/.safetensors vector (d_sae,) of per-feature constraint weights."""
+    shard_group: str | int = "node"
+    """Ranks that split the encoder's features: node (the ranks of one node, from the launcher),
+    world, none (every rank holds the whole encoder), or an integer that divides the world. Traffic
+    per rank grows with the group, not the world: node keeps it on the node's links at any scale."""
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,6 @@ class Recipe:
 # ----------------------------------------------------------------------------- building
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Check/convert one leaf value against its annotation; append a problem if wrong."""
     origin = typing.get_origin(tp)
@@ -186,7 +185,12 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path, problems)
+        for tp_i in inner[:-1]:  # the first type the value fits; the last one reports the problem
+            trial: list[str] = []
+            got = _coerce(value, tp_i, path, trial)
+            if not trial:
+                return got
+        return _coerce(value, inner[-1], path, problems)
     if origin is Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -289,6 +293,10 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append("loss.reference: TDPO needs full-vocabulary reference distributions; use live")
     if s.k < 1:
         problems.append(f"sae.k: must be >= 1, got {s.k}")
+    if isinstance(s.shard_group, str) and s.shard_group not in ("node", "world", "none"):
+        problems.append(f"sae.shard_group: {s.shard_group!r} is not node, world, none or a rank count")
+    if isinstance(s.shard_group, int) and s.shard_group < 1:
+        problems.append(f"sae.shard_group: must be >= 1, got {s.shard_group}")
     if r.cache.k_cache is not None and r.cache.k_cache < s.k:
         problems.append(f"cache.k_cache: {r.cache.k_cache} must be >= sae.k ({s.k})")
     if r.output.resume not in ("auto", "never") and not r.output.resume:

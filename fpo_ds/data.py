@@ -244,11 +244,6 @@ def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Deterministic permutation of range(n) for one epoch (computed once, then cached)."""
-    return list(_permutation(n, seed, epoch))
-
-
 def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[int]:
     """Positions (into the pair list) this rank trains on at optimizer step `step`.
 
@@ -267,6 +262,16 @@ def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, wor
     per_rank = global_batch // world
     start = s * global_batch + rank * per_rank
     return list(_permutation(n, seed, 0)[start : start + per_rank])
+
+
+def micro_batches(n: int, seed: int, step: int, global_batch: int, micro: int, world: int) -> list[list[list[int]]]:
+    """Positions of optimizer step `step`, as [micro-batch][rank] -> that rank's positions.
+
+    Every rank computes every rank's share (it is arithmetic on one seeded permutation), so
+    anything sized by the busiest rank of a micro-batch needs no collective.
+    """
+    every = [step_indices(n, seed, step, global_batch, r, world) for r in range(world)]
+    return [[ix[i : i + micro] for ix in every] for i in range(0, global_batch // world, micro)]
 
 
 def response_tokens(pairs: list[Pair]) -> int:

@@ -97,8 +97,61 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+class Group(NamedTuple):
+    """A block of consecutive ranks that shares work (the SAE encoder's shard group)."""
+
+    ranks: tuple[int, ...]
+    rank: int  # this rank's position in `ranks`
+    handle: object | None  # torch process group; None means the default (whole-world) group
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+def group_size(spec: str | int, world: int, local_world: int) -> int:
+    """`sae.shard_group` -> ranks per group: node = the launcher's ranks per node, world, none = 1, or G."""
+    size = {"node": local_world, "world": world, "none": 1}.get(spec, spec) if isinstance(spec, str) else spec
+    if not isinstance(size, int) or size < 1 or world % size:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise ValueError(
+            f"sae.shard_group: {spec!r} gives groups of {size} ranks, which do not divide the world of {world} "
+            f"ranks; use node, world, none or one of {divisors}"
+        )
+    return size
+
+
+def block_groups(spec: str | int) -> Group:
+    """Collective: split the world into consecutive blocks per `spec` and return this rank's block.
+
+    Every rank creates every block's process group, in the same order, as torch requires. With
+    `node`, every block must sit on one host: a launcher that places ranks cyclically over hosts
+    (or hosts with different rank counts) is refused rather than silently crossing the network.
+    """
+    import torch.distributed as tdist
+
+    me, world = rank(), world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    size = group_size(spec, world, local_world)
+    first = me - me % size
+    ranks = tuple(range(first, first + size))
+    if spec == "node" and world > 1:
+        hosts: list = [None] * world
+        tdist.all_gather_object(hosts, (socket.gethostname(), local_world))
+        for g in range(0, world, size):
+            block = {hosts[r] for r in range(g, g + size)}
+            if len(block) > 1:
+                raise ValueError(
+                    f"sae.shard_group: node asked for groups of {size} ranks (the launcher's ranks per node), but "
+                    f"ranks {g}-{g + size - 1} sit on {sorted(h for h, _ in block)} with "
+                    f"{sorted({n for _, n in block})} ranks per node. Place ranks in blocks by host (e.g. srun "
+                    "--distribution=block, the default) with the same count per host, or set sae.shard_group to "
+                    "world, none or an integer"
+                )
+    if size in (1, world):
+        return Group(ranks, me - first, None)
+    handles = {g: tdist.new_group(list(range(g, g + size))) for g in range(0, world, size)}
+    return Group(ranks, me - first, handles[first])
 
 
 def log(*msg: object) -> None:

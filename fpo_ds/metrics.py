@@ -53,6 +53,41 @@ def reduce(sums: list[dict[str, torch.Tensor]], device: str = "cpu") -> dict[str
     return means
 
 
+def step_metrics(
+    sums: list[dict[str, torch.Tensor]],
+    device: str,
+    *,
+    lr: float,
+    grad_norm: float,
+    seconds: float,
+    global_batch: int,
+    sae: list | None = None,
+    cache_read_s: float | None = None,
+) -> dict[str, float]:
+    """One optimizer step's record: reduced pair metrics, throughput, and the step's costs.
+
+    `sae`: the step's feature reads (sae.Encoded); their bytes are this rank's group traffic,
+    forward and backward, and their clocks the encode time. `cache_read_s`: host time reading
+    the offline cache.
+    """
+    m = reduce(sums, device) if sums else {"loss": float("nan"), "tokens": 0.0}
+    if sae is not None:
+        m["fpo/sae_comm_bytes_per_step"] = float(sum(e.comm_bytes for e in sae if e is not None))
+        m["time/sae_encode_s"] = sum(e.clock.seconds() for e in sae if e is not None)
+    if cache_read_s is not None:
+        m["time/cache_read_s"] = cache_read_s
+    tokens = m.pop("tokens")
+    m.update(
+        lr=lr,
+        grad_norm=grad_norm,
+        tokens_per_s=tokens / seconds,
+        samples_per_s=global_batch / seconds,
+        step_time_s=seconds,
+        peak_mem_mib=peak_mem_mib(),
+    )
+    return m
+
+
 def peak_mem_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20

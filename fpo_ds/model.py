@@ -1,4 +1,4 @@
-"""Policy/reference loading under DeepSpeed, and per-sequence log-probs of a batch.
+"""Policy/reference loading under DeepSpeed, per-sequence log-probs, and the residual tap at block L.
 
 Under ZeRO-3 the model is constructed partitioned (transformers' HfDeepSpeedConfig makes
 `from_pretrained` run inside `deepspeed.zero.Init`), so a 9B model is never whole on a rank.
@@ -8,7 +8,6 @@ Random initialisation never happens here: tiny test models are written to disk f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,9 +15,9 @@ import torch
 
 from fpo_ds.config import WORLD_HINT
 from fpo_ds.data import Batch
+from fpo_ds.ds_config import torch_dtype, zero_stage
 from fpo_ds.losses import IGNORE_INDEX, token_logps
 
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 # Models whose code must be imported before zero.Init patches tensor constructors.
 _PRELOADED = False
 
@@ -30,77 +29,7 @@ class SeqOut(NamedTuple):
     n_tokens: torch.Tensor  # (2b,)
     logits: torch.Tensor | None  # (2b, T-1, V), kept only when a loss needs full distributions
     mask: torch.Tensor  # (2b, T-1) response-token mask aligned with logits
-    features: torch.Tensor | None = None  # (2b, d_sae) SAE features mean-pooled over response tokens (FPO)
-
-
-def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
-    """Derived gradient accumulation; the error shows its arithmetic."""
-    per_step = micro_batch * world
-    if global_batch % per_step:
-        raise ValueError(
-            f"train.global_batch_size={global_batch} is not a multiple of "
-            f"micro_batch_size*world_size = {micro_batch}*{world} = {per_step}; "
-            f"pick a global batch that is, e.g. {per_step * max(1, round(global_batch / per_step))}"
-        )
-    return global_batch // per_step
-
-
-BUNDLED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
-
-
-def ds_config_path(path: str) -> Path:
-    """`deepspeed.config` as given (relative to the working directory), else the bundled JSON.
-
-    The fallback is ds_configs/ of this repository, by file name, so a recipe runs from any
-    directory (multi-node launchers start the ranks elsewhere).
-    """
-    p = Path(path)
-    if p.is_file():
-        return p
-    bundled = BUNDLED_DS_CONFIGS / p.name
-    if not p.is_absolute() and bundled.is_file():
-        return bundled
-    names = ", ".join(sorted(x.name for x in BUNDLED_DS_CONFIGS.glob("*.json")))
-    raise FileNotFoundError(
-        f"deepspeed.config: {p} not found in {Path.cwd()}, nor bundled in {BUNDLED_DS_CONFIGS} ({names})"
-    )
-
-
-def deepspeed_config(path: str, global_batch: int, micro_batch: int, world: int) -> dict:
-    """Systems settings from the JSON plus the batch keys derived from the recipe."""
-    p = ds_config_path(path)
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"deepspeed.config: {p} is not valid JSON: {e}") from None
-    set_keys = [k for k in BATCH_KEYS if k in cfg]
-    if set_keys:
-        raise ValueError(
-            f"{p}: sets {set_keys}; batch sizes come from the recipe (train.global_batch_size, "
-            "train.micro_batch_size) only. Delete these keys from the JSON."
-        )
-    for key in ("optimizer", "scheduler"):
-        if key in cfg:
-            raise ValueError(f"{p}: remove '{key}'; the optimizer and LR schedule come from the recipe's train section")
-    cfg.update(
-        train_batch_size=global_batch,
-        train_micro_batch_size_per_gpu=micro_batch,
-        gradient_accumulation_steps=accumulation_steps(global_batch, micro_batch, world),
-    )
-    cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
-    return cfg
-
-
-def zero_stage(ds_cfg: dict) -> int:
-    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
-
-
-def torch_dtype(ds_cfg: dict) -> torch.dtype:
-    if ds_cfg.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_cfg.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+    features: torch.Tensor | None = None  # (2b, d_sae) pooled SAE features (FPO; set by the trainer)
 
 
 def _preload_model_code() -> None:
@@ -191,25 +120,13 @@ def to_device(batch: Batch, device) -> Batch:
     return Batch(*(t.to(device, non_blocking=True) for t in batch))
 
 
-def sequence_logps(
-    model, batch: Batch, keep_logits: bool = False, tap=None, encoder=None, n_max: int | None = None
-) -> SeqOut:
-    """One forward over chosen+rejected; summed response log-probs per sequence.
-
-    With a ResidualTap and a ShardedEncoder (FPO), also the SAE features of block L's output,
-    mean-pooled over each sequence's response tokens (collective across ranks; `n_max`: see
-    ShardedEncoder.pooled).
-    """
-    if tap is not None:
-        tap.arm()
+def sequence_logps(model, batch: Batch, keep_logits: bool = False) -> SeqOut:
+    """One forward over chosen+rejected; summed response log-probs per sequence."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     tok = token_logps(logits, labels)
-    features = None
-    if tap is not None:
-        features = encoder.pooled(tap.take(), batch.labels != IGNORE_INDEX, n_max)
-    return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask, features)
+    return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask)
 
 
 def decoder_layers(model):

@@ -8,12 +8,15 @@ offline cache; None for SFT/SimPO) and returns losses.LossOut. Sequences are ord
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
 from fpo_ds import losses as L
-from fpo_ds.model import SeqOut
+from fpo_ds.data import Batch
+from fpo_ds.model import SeqOut, sequence_logps
+
+RefKind = Literal["none", "live", "offline"]  # no reference, a frozen model run each step, or the cache
 
 
 class RefOut(NamedTuple):
@@ -26,8 +29,20 @@ class RefOut(NamedTuple):
 
 class Objective(NamedTuple):
     fn: Callable[[SeqOut, RefOut | None], L.LossOut]
-    reference: str  # "none" | "live" | "offline"
+    ref_kind: RefKind
     keep_logits: bool  # policy/ref logits are needed beyond log-probs (TDPO)
+
+
+class LiveReference:
+    """The reference model run beside the policy each step (a frozen engine, no gradients)."""
+
+    def __init__(self, engine, keep_logits: bool):
+        self.engine, self.keep_logits = engine, keep_logits
+
+    def __call__(self, batch: Batch) -> RefOut:
+        with torch.no_grad():
+            out = sequence_logps(self.engine, batch, keep_logits=self.keep_logits)
+        return RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""SAE loading (sae-lens) and the registry check used by `fpo-ds validate`."""
+"""SAE loading (sae-lens), the registry check used by `fpo-ds validate`, and the sharded encoder."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import importlib.util
 import time
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import torch.distributed as tdist
 import yaml
+
+from fpo_ds.dist import Group
 
 
 @cache
@@ -94,41 +96,60 @@ def check_against_model(sae, model_config, source: str = "sae") -> int:
 # ----------------------------------------------------------------------------- sharded encode
 
 
-def _split(d_sae: int, world: int, rank: int) -> tuple[int, int, int]:
+def _split(d_sae: int, parts: int, index: int) -> tuple[int, int, int]:
     """Equal-width slices (the last one padded): returns (lo, hi, width)."""
-    width = -(-d_sae // world)
-    lo = min(rank * width, d_sae)
+    width = -(-d_sae // parts)
+    lo = min(index * width, d_sae)
     return lo, min(lo + width, d_sae), width
 
 
+# The group's collectives go through deepspeed.comm, so DeepSpeed's comms logger (the JSON's
+# "comms_logger" section) counts them beside ZeRO's own, under these names.
+GATHER_LOG, ALL_TO_ALL_LOG, TOPK_LOG = "sae_gather", "sae_all_to_all", "sae_topk_gather"
+
+
+def _gather(x: torch.Tensor, group: Group, log_name: str) -> torch.Tensor:
+    """(N, d) from each rank of the group -> (G, N, d), in group order."""
+    import deepspeed.comm as dcomm
+
+    out = [torch.empty_like(x) for _ in range(group.size)]
+    dcomm.all_gather(out, x.contiguous(), group=group.handle, log_name=log_name)
+    return torch.stack(out)
+
+
+def _exchange(x: torch.Tensor, group: Group, log_name: str) -> torch.Tensor:
+    """(G, m, f): piece j goes to group rank j; piece i of the result came from group rank i."""
+    import deepspeed.comm as dcomm
+
+    out = [torch.empty_like(x[0]) for _ in range(x.shape[0])]
+    dcomm.all_to_all(out, [p.contiguous() for p in x.unbind(0)], group=group.handle, log_name=log_name)
+    return torch.stack(out)
+
+
 class _GatherRows(torch.autograd.Function):
-    """all_gather of equal-shaped (N, d) -> (W, N, d); backward sends each piece home and sums."""
+    """all_gather of equal-shaped (N, d) -> (G, N, d); backward sends each piece home and sums."""
 
     @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(out, x.contiguous())
-        return torch.stack(out)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group, GATHER_LOG)
 
     @staticmethod
     def backward(ctx, g):
-        pieces = [torch.empty_like(g[0]) for _ in range(g.shape[0])]
-        tdist.all_to_all(pieces, [p.contiguous() for p in g.unbind(0)])
-        return torch.stack(pieces).sum(0)
+        return _exchange(g, ctx.group, GATHER_LOG + "_grad").sum(0), None
 
 
 class _AllToAll(torch.autograd.Function):
-    """(W, m, f): piece j goes to rank j; result piece i came from rank i. Self-adjoint."""
+    """(G, m, f) exchanged within the group. Self-adjoint."""
 
     @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x[0]) for _ in range(x.shape[0])]
-        tdist.all_to_all(out, [p.contiguous() for p in x.unbind(0)])
-        return torch.stack(out)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _exchange(x, group, ALL_TO_ALL_LOG)
 
     @staticmethod
     def backward(ctx, g):
-        return _AllToAll.apply(g)
+        return _exchange(g, ctx.group, ALL_TO_ALL_LOG + "_grad"), None
 
 
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)
@@ -158,7 +179,8 @@ class _EncodePool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc, dest, enc, n_rows):
+    def forward(ctx, xc, dest, enc, n_rows, clock):
+        t0 = clock.start()
         out = torch.zeros(n_rows, enc.width, dtype=enc.dtype, device=xc.device)
         fired = [xc.new_zeros(0, -(-enc.width // 8), dtype=torch.uint8)]
         for i in range(0, xc.shape[0], enc.CHUNK_TOKENS):
@@ -167,14 +189,15 @@ class _EncodePool(torch.autograd.Function):
             if ctx.needs_input_grad[0]:  # not in the cache build or evaluation
                 fired.append(pack_bits(acts > 0))
         ctx.save_for_backward(dest, torch.cat(fired))
-        ctx.enc = enc
+        ctx.enc, ctx.clock = enc, clock
+        clock.stop(t0)
         return out
 
     @staticmethod
     def backward(ctx, g):
         dest, packed = ctx.saved_tensors
         enc = ctx.enc
-        t0 = enc.clock.start()
+        t0 = ctx.clock.start()
         grad = torch.empty(dest.shape[0], enc.d_in, dtype=g.dtype, device=g.device)
         for i in range(0, dest.shape[0], enc.CHUNK_TOKENS):
             gc = g.index_select(0, dest[i : i + enc.CHUNK_TOKENS])
@@ -182,12 +205,12 @@ class _EncodePool(torch.autograd.Function):
             if enc.dec_norm is not None:
                 gc.mul_(enc.dec_norm)
             torch.mm(gc, enc.W_enc.T, out=grad[i : i + enc.CHUNK_TOKENS])
-        enc.clock.stop(t0)
-        return grad, None, None, None
+        ctx.clock.stop(t0)
+        return grad, None, None, None, None
 
 
 class Clock:
-    """Sums the time of marked spans without syncing the device in the step (CUDA events on GPU)."""
+    """Sums the time of marked spans without syncing the device when marking (CUDA events on GPU)."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -206,39 +229,57 @@ class Clock:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             self.spans.append((t0, ev))
-            if len(self.spans) > 256:  # a caller that never takes (e.g. the cache build): fold
-                self.host += self.take()
         else:
             self.host += time.perf_counter() - t0
 
-    def take(self) -> float:
-        """Seconds since the last take (waits for the device on GPU: call once per step)."""
+    def seconds(self) -> float:
+        """Total of the marked spans (waits for the device on GPU: read once per step)."""
         if self.spans:
             self.spans[-1][1].synchronize()
-        total = self.host + sum(a.elapsed_time(b) for a, b in self.spans) / 1000.0
-        self.spans, self.host = [], 0.0
-        return total
+        return self.host + sum(a.elapsed_time(b) for a, b in self.spans) / 1000.0
+
+
+class Encoded(NamedTuple):
+    """One `ShardedEncoder.pooled` call's result and its costs."""
+
+    features: torch.Tensor  # (rows, d_sae) mean SAE features over each row's response tokens
+    comm_bytes: int  # received by this rank in the group's collectives, forward and (if any) backward
+    clock: Clock  # encode time of this call; includes its backward once that has run
+
+
+def comm_bytes_per_call(
+    group: int, n_max: int, d_in: int, rows: int, width: int, item: int, feat_item: int, topk: int = 0
+) -> int:
+    """Bytes one rank receives in one forward `pooled` call (the backward moves the same again).
+
+    token gather   (G-1) x n_max x (d_in+1) x item    response tokens + a row-id column, from each peer
+    all-to-all     (G-1) x rows x width x feat_item    the pooled slices of my rows, from each peer
+    TopK only      (G-1) x G*n_max x topk x feat_item  every gathered token's local top-k values
+                   (forward only: the cut-off carries no gradient)
+    """
+    if group == 1:
+        return 0
+    return (group - 1) * (n_max * (d_in + 1) * item + rows * width * feat_item + group * n_max * topk * feat_item)
 
 
 class ShardedEncoder:
     """This rank's slice of an SAE encoder: features [lo, hi) of d_sae, never the whole W_enc.
 
-    `pooled(h, mask)` is collective. Per call and rank it moves
-        all_gather:  (W-1) * N_max * (d_in+1) values in (response-token hidden states + row ids)
-        all_to_all:  2 * (W-1) * rows * width values   (pooled feature slices out and back)
-    and the same again in backward. `bytes_per_call` reports the last call's volume.
+    The slices are spread over a shard group of G consecutive ranks (`sae.shard_group`: one node
+    by default, so the traffic stays on the node's fast links at any node count). Each group
+    encodes only its own ranks' response tokens; G = 1 keeps the whole encoder on every rank.
     """
 
     SUPPORTED = ("standard", "jumprelu", "topk")
     CHUNK_TOKENS = 1024  # tokens encoded at once: the transient is CHUNK_TOKENS x width values
 
-    def __init__(self, sae, rank: int, world: int, device: torch.device | str = "cpu"):
+    def __init__(self, sae, group: Group, device: torch.device | str = "cpu"):
         arch = sae.cfg.architecture()
         if arch not in self.SUPPORTED:
             raise ValueError(f"sae: architecture {arch!r} is not supported by the sharded encoder ({self.SUPPORTED})")
-        self.arch, self.world, self.rank = arch, world, rank
+        self.arch, self.group, self.device = arch, group, device
         self.d_sae, self.d_in, self.dtype = sae.cfg.d_sae, sae.cfg.d_in, sae.W_enc.dtype
-        self.lo, self.hi, self.width = _split(self.d_sae, world, rank)
+        self.lo, self.hi, self.width = _split(self.d_sae, group.size, group.rank)
         self.norm = sae.cfg.normalize_activations
         pad = self.width - (self.hi - self.lo)
         w = sae.W_enc.detach()[:, self.lo : self.hi]
@@ -247,14 +288,13 @@ class ShardedEncoder:
         self.b_dec_in = (sae.b_dec.detach() * sae.cfg.apply_b_dec_to_input).clone().to(device)
         self.valid = torch.arange(self.width, device=device) < (self.hi - self.lo)
         self.threshold = self.dec_norm = None
+        self.k = 0
         if arch == "jumprelu":
             self.threshold = torch.nn.functional.pad(sae.threshold.detach()[self.lo : self.hi], (0, pad)).to(device)
         if arch == "topk":
             self.k = sae.cfg.k
             if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
                 self.dec_norm = torch.nn.functional.pad(sae.W_dec.detach()[self.lo : self.hi].norm(dim=-1), (0, pad))
-        self.bytes_per_call = 0
-        self.clock = Clock(device)  # encode time, forward and backward (`time/sae_encode_s`)
 
     def resident_bytes(self) -> int:
         ts = [self.W_enc, self.b_enc, self.b_dec_in, self.threshold, self.dec_norm]
@@ -276,7 +316,8 @@ class ShardedEncoder:
     def activate_(self, pre: torch.Tensor) -> torch.Tensor:
         """(N, width) pre-activations -> this rank's feature slice, exactly as sae-lens encodes it.
 
-        Works in place on `pre` (no autograd). Collective for TopK (the k-th largest value is global).
+        Works in place on `pre` (no autograd). Collective in the group for TopK (the k-th largest
+        value is over all slices).
         """
         # Padded columns have zero weights, bias and threshold: pre = 0 there, so they stay 0.
         if self.arch == "standard":
@@ -287,35 +328,26 @@ class ShardedEncoder:
             pre.mul_(self.dec_norm)
         pre.masked_fill_(~self.valid, float("-inf"))
         local_top = pre.topk(min(self.k, self.width), dim=-1).values
-        everyone = _GatherRows.apply(local_top) if self.world > 1 else local_top.unsqueeze(0)
+        everyone = _gather(local_top, self.group, TOPK_LOG) if self.group.size > 1 else local_top.unsqueeze(0)
         kth = everyone.permute(1, 0, 2).reshape(pre.shape[0], -1).topk(self.k, dim=-1).values[:, -1:]
         return pre.masked_fill_(pre < kth, 0.0).relu_()  # not mul_: padded columns hold -inf
 
-    def _encode_sum(self, x: torch.Tensor, dest: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """Per-row sums of this slice's features. (N, d_in), (N,) -> (n_rows, width)."""
-        t0 = self.clock.start()
-        out = _EncodePool.apply(self.centred(x), dest, self, n_rows)
-        self.clock.stop(t0)
-        return out
+    def pooled(self, h: torch.Tensor, mask: torch.Tensor, n_max: int | None = None) -> Encoded:
+        """Collective in the group. Mean SAE features over response tokens. (rows, T, d_in), (rows, T).
 
-    def pooled(self, h: torch.Tensor, mask: torch.Tensor, n_max: int | None = None) -> torch.Tensor:
-        """Collective. Mean SAE features over response tokens. (rows, T, d_in), (rows, T) -> (rows, d_sae).
-
-        Every rank passes its own rows (same row count on all ranks); gradients flow back to
-        each rank's own `h`. `n_max`: the most response tokens any rank has in this call, when
-        the caller knows it from the data (the trainer does); otherwise one all-reduce finds it.
+        Every rank of the group passes its own rows (the same row count on all); gradients flow
+        back to each rank's own `h`. `n_max`: the most response tokens any rank of the group has
+        in this call, when the caller knows it from the data; otherwise one all-reduce finds it.
         """
-        rows = h.shape[0]
+        rows, G, clock = h.shape[0], self.group.size, Clock(self.device)
         sel = mask.bool()
         tokens = h[sel]  # (N, d_in), response tokens only
         row_of = torch.arange(rows, device=h.device).unsqueeze(1).expand_as(sel)[sel]
-        counts = sel.sum(1).clamp(min=1).to(self.dtype)
-        if self.world == 1:
-            return self._encode_sum(tokens, row_of, rows)[:, : self.d_sae] / counts.unsqueeze(1)
-        if n_max is None:
-            n = torch.tensor([tokens.shape[0]], device=h.device)
-            tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
-            n_max = int(n.item())
+        counts = sel.sum(1).clamp(min=1).to(self.dtype).unsqueeze(1)
+        if G == 1:
+            sums = _EncodePool.apply(self.centred(tokens), row_of, self, rows, clock)
+            return Encoded(sums[:, : self.d_sae] / counts, 0, clock)
+        n_max = self._n_max(tokens.shape[0], h.device) if n_max is None else n_max
         pad = n_max - tokens.shape[0]
         if pad < 0:
             raise ValueError(f"ShardedEncoder.pooled: {tokens.shape[0]} response tokens exceed n_max={n_max}")
@@ -326,28 +358,35 @@ class ShardedEncoder:
         tokens = tokens if exact else tokens.float()
         row_col = torch.nn.functional.pad(row_of, (0, pad), value=rows).to(tokens.dtype).unsqueeze(1)
         packed = torch.cat([torch.nn.functional.pad(tokens, (0, 0, 0, pad)), row_col], 1)
-        gathered = _GatherRows.apply(packed)  # (W, n_max, d_in + 1)
-        all_rows = gathered[..., -1].detach().long()  # (W, n_max)
-        dest = (all_rows + (rows + 1) * torch.arange(self.world, device=h.device).unsqueeze(1)).reshape(-1)
-        sums = self._encode_sum(gathered[..., :-1].reshape(-1, self.d_in), dest, self.world * (rows + 1))
-        sums = sums.reshape(self.world, rows + 1, self.width)[:, :rows]
-        mine = _AllToAll.apply(sums)  # (W, rows, width): slice i of my rows, from rank i
-        full = mine.permute(1, 0, 2).reshape(rows, self.world * self.width)[:, : self.d_sae]
-        item = packed.element_size()
-        self.bytes_per_call = (self.world - 1) * (
-            n_max * (self.d_in + 1) * item + 2 * rows * self.width * sums.element_size()
-        )
-        return full / counts.unsqueeze(1)
+        gathered = _GatherRows.apply(packed, self.group)  # (G, n_max, d_in + 1)
+        all_rows = gathered[..., -1].detach().long()  # (G, n_max)
+        dest = (all_rows + (rows + 1) * torch.arange(G, device=h.device).unsqueeze(1)).reshape(-1)
+        xc = self.centred(gathered[..., :-1].reshape(-1, self.d_in))
+        sums = _EncodePool.apply(xc, dest, self, G * (rows + 1), clock)
+        sums = sums.reshape(G, rows + 1, self.width)[:, :rows]
+        mine = _AllToAll.apply(sums, self.group)  # (G, rows, width): slice i of my rows, from group rank i
+        full = mine.permute(1, 0, 2).reshape(rows, G * self.width)[:, : self.d_sae]
+        args = (G, n_max, self.d_in, rows, self.width, packed.element_size(), sums.element_size())
+        fwd = comm_bytes_per_call(*args, topk=min(self.k, self.width))
+        bwd = comm_bytes_per_call(*args) if h.requires_grad else 0
+        return Encoded(full / counts, fwd + bwd, clock)
+
+    def _n_max(self, n: int, device) -> int:
+        import deepspeed.comm as dcomm
+
+        t = torch.tensor([n], device=device)
+        dcomm.all_reduce(t, op=dcomm.ReduceOp.MAX, group=self.group.handle)
+        return int(t.item())
 
 
-def sharded_encoder(sae_cfg, model_config, rank: int, world: int, device) -> tuple[ShardedEncoder, int]:
+def sharded_encoder(sae_cfg, model_config, group: Group, device) -> tuple[ShardedEncoder, int]:
     """Load the recipe's SAE, check it fits the model, keep only this rank's slice. Returns (encoder, layer)."""
     sae = load_sae(sae_cfg.path, sae_cfg.release, sae_cfg.sae_id)
     source = f"sae ({sae_cfg.path or f'{sae_cfg.release}/{sae_cfg.sae_id}'})"
     layer = check_against_model(sae, model_config, source)
     if sae_cfg.k > sae.cfg.d_sae:
         raise ValueError(f"sae.k: {sae_cfg.k} exceeds the SAE width d_sae={sae.cfg.d_sae}")
-    encoder = ShardedEncoder(sae, rank, world, device)
+    encoder = ShardedEncoder(sae, group, device)
     del sae  # the full SAE is dropped: only the slice stays resident
     return encoder, layer
 

@@ -9,141 +9,39 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import time
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
-from deepspeed.accelerator import get_accelerator
 
-from fpo_ds import checkpoint, data, dist, metrics, objective
+from fpo_ds import checkpoint, data, dist, faults, metrics
 from fpo_ds import config as C
 from fpo_ds import model as M
+from fpo_ds.components import Components, build
+from fpo_ds.sae import Encoded
 
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
 
 
-class Setup(NamedTuple):
-    recipe: C.Recipe
-    engine: object
-    reference: object | None  # live reference engine, or the offline cache reader
-    objective: objective.Objective
-    pairs: list
-    tokenizer: object
-    model_config: object
-    total_steps: int
-    device: str
-    tap: M.ResidualTap | None = None  # FPO: block L's output
-    encoder: object | None = None  # FPO: this rank's ShardedEncoder slice
+SkipReason = Literal["loss", "gradient"]  # a non-finite loss, or a non-finite gradient norm
 
 
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Linear warmup to the peak, then constant or cosine decay to 0 at `total`."""
+class MicroResult(NamedTuple):
+    """One micro-batch: metric sums (None when skipped), the skip reason, and its costs."""
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+    sums: dict[str, torch.Tensor] | None
+    skip: SkipReason | None
+    sae: Encoded | None  # FPO: the feature read (bytes moved, encode time)
+    cache_read_s: float  # host time spent reading the offline cache
 
 
-def adamw(params, train_cfg, ds_cfg: dict) -> torch.optim.Optimizer:
-    """AdamW: torch's, or DeepSpeed's CPU Adam (AdamW mode) when the JSON offloads the optimizer.
-
-    DeepSpeed refuses a torch optimizer under ZeRO-Offload; its CPU Adam is JIT-compiled on first use.
-    """
-    t = train_cfg
-    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if offload in ("cpu", "nvme"):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-
-
-def total_steps(n_pairs: int, train_cfg) -> int:
-    per_epoch = n_pairs // train_cfg.global_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"data: {n_pairs} usable pairs is less than one global batch (train.global_batch_size="
-            f"{train_cfg.global_batch_size}); add data or lower the batch size"
-        )
-    total = per_epoch * train_cfg.epochs
-    return min(total, train_cfg.max_steps) if train_cfg.max_steps else total
-
-
-def setup(recipe: C.Recipe) -> Setup:
-    import deepspeed
-
-    dist.init(recipe.deepspeed.timeout_minutes)
-    world = dist.world_size()
-    ds_cfg = M.deepspeed_config(
-        recipe.deepspeed.config, recipe.train.global_batch_size, recipe.train.micro_batch_size, world
-    )
-    ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
-    device = get_accelerator().current_device_name()
-    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
-    pairs, data_fp = data.load_pairs(recipe.data, tok, log=dist.log)
-    steps = total_steps(len(pairs), recipe.train)
-    encoder = layer = weights = None
-    if recipe.loss.method == "fpo":  # sae-lens must be imported before zero.Init
-        from fpo_ds import sae
-
-        encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), dist.rank(), world, device)
-        weights = sae.load_feature_weights(recipe.sae.feature_weights, encoder.d_sae, device)
-    obj = objective.build(recipe.loss, recipe.sae.k, weights)
-    torch.manual_seed(recipe.train.seed)
-    policy, keep = M.load_model(recipe.model, ds_cfg)
-    if recipe.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    t = recipe.train
-    opt = adamw(policy.parameters(), t, ds_cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, steps, t.schedule))
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
-    del keep
-    reference = None
-    if obj.reference == "live":
-        reference = M.frozen_engine(recipe.model, ds_cfg)
-    elif obj.reference == "offline":
-        from fpo_ds import cache
-
-        reference = cache.Reader(recipe, tok, data_fp, device)
-    dist.log(
-        f"fpo-ds train: {recipe.loss.method} (reference: {obj.reference}), {len(pairs)} pairs, {steps} steps, "
-        f"world {world}, global batch {t.global_batch_size} = micro {t.micro_batch_size} x {world} ranks x "
-        f"accumulation {ds_cfg['gradient_accumulation_steps']}, ZeRO-{M.zero_stage(ds_cfg)}, {M.torch_dtype(ds_cfg)}"
-    )
-    tap = M.ResidualTap(engine.module, layer) if encoder else None
-    return Setup(recipe, engine, reference, obj, pairs, tok, engine.module.config, steps, device, tap, encoder)
-
-
-def reference_out(s: Setup, batch: data.Batch) -> objective.RefOut | None:
-    if s.objective.reference == "none":
-        return None
-    if s.objective.reference == "offline":
-        t0 = time.perf_counter()
-        ref = s.reference.ref_out(batch.example_ids)
-        s.reference.read_seconds += time.perf_counter() - t0  # host-side work only: no device sync
-        return ref
-    with torch.no_grad():
-        out = M.sequence_logps(s.reference, batch, keep_logits=s.objective.keep_logits)
-    return objective.RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
-
-
-def _fault_steps(var: str) -> set[int]:
-    """Test hooks (fault injection) on rank 1 at the listed steps, e.g. FPO_DS_FAULT_NAN_STEPS=3,4.
-
-    FPO_DS_FAULT_NAN_STEPS makes its loss NaN; FPO_DS_FAULT_NAN_GRAD_STEPS its gradients (loss finite).
-    """
-    raw = os.environ.get(var, "")
-    return {int(x) for x in raw.split(",") if x.strip()} if dist.rank() == min(1, dist.world_size() - 1) else set()
+class StepResult(NamedTuple):
+    metrics: dict[str, float]
+    skipped_ids: list[int]  # pair ids of a skipped step (empty otherwise)
+    skip: SkipReason | None
 
 
 def _any_rank(flag: bool | torch.Tensor, device: str) -> bool:
@@ -153,84 +51,78 @@ def _any_rank(flag: bool | torch.Tensor, device: str) -> bool:
     return bool(t.item())
 
 
-def micro_step(
-    s: Setup, batch: data.Batch, poison: str | None = None, n_max: int | None = None
-) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """Forward (chosen and rejected concatenated), loss, backward. Returns (metric sums, skip reason).
+def _skip_micro_batch(c: Components, batch: data.Batch) -> None:
+    """Every rank drops this micro-batch's gradients; the step runs at lr 0 (weights unchanged)."""
+    for group in c.engine.optimizer.param_groups:
+        group["lr"] = 0.0  # the scheduler sets it again after this optimizer step
+    # DeepSpeed's optimizer step needs a backward; a 2-token forward times 0 gives finite zero grads.
+    zero = c.engine(input_ids=batch.input_ids[:1, :2]).logits.float().sum() * 0.0
+    c.engine.backward(zero)
+    c.engine.step()
+
+
+def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, peers: list | None) -> MicroResult:
+    """Forward (chosen and rejected concatenated), loss, backward.
 
     Ranks decide together. A non-finite loss on any rank: every rank drops this micro-batch's
-    gradients and the step runs at lr 0 (weights unchanged); reason "loss", sums None. A non-finite
-    gradient norm at the step's last micro-batch: DeepSpeed skips the optimizer step; reason "gradient".
+    gradients (skip "loss", sums None). A non-finite gradient norm at the step's last micro-batch:
+    DeepSpeed skips the optimizer step (skip "gradient").
     """
-    batch = M.to_device(batch, s.device)
-    ref = reference_out(s, batch)
-    pol = M.sequence_logps(s.engine, batch, s.objective.keep_logits, s.tap, s.encoder, n_max)
-    out = s.objective.fn(pol, ref)
+    batch = M.to_device(batch, c.device)
+    t0 = time.perf_counter()
+    ref = c.reference(batch) if c.reference is not None else None
+    read_s = time.perf_counter() - t0 if c.objective.ref_kind == "offline" else 0.0  # host work only: no sync
+    if c.features:
+        c.features.arm()
+    pol = M.sequence_logps(c.engine, batch, c.objective.keep_logits)
+    sae = c.features.read(batch, peers) if c.features else None
+    out = c.objective.fn(pol._replace(features=sae.features) if sae else pol, ref)
     if poison == "loss":
         out = out._replace(losses=out.losses * float("nan"))
     elif poison == "gradient":
         out.losses.register_hook(lambda g: g * float("nan"))
-    if _any_rank(~torch.isfinite(out.losses.detach()).all(), s.device):
+    if _any_rank(~torch.isfinite(out.losses.detach()).all(), c.device):
         del out, pol, ref  # drop the poisoned graph: its gradients would be NaN
-        for group in s.engine.optimizer.param_groups:
-            group["lr"] = 0.0  # the scheduler sets it again after this optimizer step
-        # DeepSpeed's optimizer step needs a backward; a 2-token forward times 0 gives finite zero grads.
-        zero = s.engine(input_ids=batch.input_ids[:1, :2]).logits.float().sum() * 0.0
-        s.engine.backward(zero)
-        s.engine.step()
-        return None, "loss"
-    s.engine.backward(out.losses.mean())
-    boundary = s.engine.is_gradient_accumulation_boundary()  # this micro-batch ends the step
-    s.engine.step()
+        _skip_micro_batch(c, batch)
+        return MicroResult(None, "loss", sae, read_s)
+    c.engine.backward(out.losses.mean())
+    boundary = c.engine.is_gradient_accumulation_boundary()  # this micro-batch ends the step
+    c.engine.step()
     # DeepSpeed's ZeRO optimizers (deepspeed pinned in pyproject) skip a step whose gradient norm is
     # not finite, zeroing the gradients; under fp16 that is routine loss scaling, not a fault.
-    bad_grad = boundary and getattr(s.engine.optimizer, "overflow", False) and not s.engine.fp16_enabled()
+    bad_grad = boundary and getattr(c.engine.optimizer, "overflow", False) and not c.engine.fp16_enabled()
     sums = metrics.pair_metrics(out, pol.sum_logps)
     sums["tokens"] = batch.attention_mask.sum().double()
-    return sums, "gradient" if bad_grad else None
+    return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s)
 
 
-def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int], str | None]:
-    """One optimizer step (this rank's share of the global batch).
-
-    Returns metrics, the pair ids whose step was skipped and why ("loss" / "gradient"; see micro_step).
-    """
-    t0, lr = time.time(), s.engine.get_lr()[0]
-    r, t = s.recipe, s.recipe.train
-    world = dist.world_size()
-    every = [data.step_indices(len(s.pairs), r.data.seed, step, t.global_batch_size, k, world) for k in range(world)]
-    idx = every[dist.rank()]
-    sums, skipped, reason = [], [], None
-    poison = "loss" if step + 1 in _fault_steps("FPO_DS_FAULT_NAN_STEPS") else None
-    poison = "gradient" if step + 1 in _fault_steps("FPO_DS_FAULT_NAN_GRAD_STEPS") else poison
-    for i in range(0, len(idx), t.micro_batch_size):
-        chunk = [s.pairs[j] for j in idx[i : i + t.micro_batch_size]]
-        # The sharded encoder gathers every rank's response tokens padded to the largest count;
-        # each rank knows all ranks' pairs, so that count needs no collective.
-        n_max = max(data.response_tokens([s.pairs[j] for j in ix[i : i + t.micro_batch_size]]) for ix in every)
-        got, why = micro_step(s, data.collate(chunk, s.tokenizer.pad_token_id), poison, n_max)
-        reason = reason or why
-        if got is None:
-            skipped += [p.example_id for p in chunk]
-        else:
-            sums.append(got)
-    if reason == "gradient":  # the whole step's accumulated gradient was dropped
-        skipped = [s.pairs[j].example_id for j in idx]
-    m = metrics.reduce(sums, s.device) if sums else {"loss": float("nan"), "tokens": 0.0}
-    dt = time.time() - t0
-    if s.encoder is not None:  # forward and backward each move the same volume
-        m["fpo/sae_comm_bytes_per_step"] = 2.0 * s.encoder.bytes_per_call * len(sums)
-        m["time/sae_encode_s"] = s.encoder.clock.take()
-    if s.objective.reference == "offline":
-        m["time/cache_read_s"], s.reference.read_seconds = s.reference.read_seconds, 0.0
-    tokens = m.pop("tokens")
-    m.update(
+def train_step(c: Components, step: int) -> StepResult:
+    """One optimizer step (this rank's share of the global batch)."""
+    t0, lr = time.time(), c.engine.get_lr()[0]
+    t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
+    plan = data.micro_batches(len(c.pairs), c.recipe.data.seed, step, t.global_batch_size, t.micro_batch_size, world)
+    poison = faults.poison(step + 1)
+    results, skipped = [], []
+    for positions in plan:
+        chunk = [c.pairs[j] for j in positions[rank]]
+        # The feature reader sizes its group's token gather from every rank's pairs (no collective).
+        peers = [[c.pairs[j] for j in ix] for ix in positions] if c.features else None
+        res = micro_step(c, data.collate(chunk, c.tokenizer.pad_token_id), poison, peers)
+        results.append(res)
+        skipped += [p.example_id for p in chunk] if res.sums is None else []
+    skip = next((x.skip for x in results if x.skip), None)
+    if skip == "gradient":  # the whole step's accumulated gradient was dropped
+        skipped = [c.pairs[j].example_id for positions in plan for j in positions[rank]]
+    grad_norm = float("nan") if skip == "gradient" else float(c.engine.get_global_grad_norm() or 0.0)
+    m = metrics.step_metrics(
+        [x.sums for x in results if x.sums is not None],
+        c.device,
         lr=0.0 if skipped else lr,
-        grad_norm=float("nan") if reason == "gradient" else float(s.engine.get_global_grad_norm() or 0.0),
-        tokens_per_s=tokens / dt,
-        samples_per_s=t.global_batch_size / dt,
-        step_time_s=dt,
-        peak_mem_mib=metrics.peak_mem_mib(),
+        grad_norm=grad_norm,
+        seconds=time.time() - t0,
+        global_batch=t.global_batch_size,
+        sae=[x.sae for x in results] if c.features else None,
+        cache_read_s=sum(x.cache_read_s for x in results) if c.objective.ref_kind == "offline" else None,
     )
     if not skipped and not math.isfinite(m["grad_norm"]):
         raise FloatingPointError(
@@ -238,7 +130,7 @@ def train_step(s: Setup, step: int) -> tuple[dict[str, float], list[int], str | 
             "finite, so training stops before any checkpoint is written. Resume from the last checkpoint "
             "(output.resume=auto) with a lower train.lr or fp32"
         )
-    return m, skipped, reason
+    return StepResult(m, skipped, skip)
 
 
 DONE = "DONE.json"  # written last by a run that reached its final step
@@ -301,21 +193,21 @@ def _gather_lists(items: list) -> list[list]:
 
 class Result(NamedTuple):
     history: list[dict]  # this run's step metrics (identical on every rank)
-    setup: Setup
+    components: Components
     preempted: bool
 
 
 def run(recipe: C.Recipe) -> Result:
     """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
     stop = Preemption()
-    s = setup(recipe)
+    c = build(recipe, "train")
     if dist.rank() == 0:
         Path(recipe.output.dir).mkdir(parents=True, exist_ok=True)
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
     start = 0
     resume_dir = checkpoint.find_resume(recipe.output)
     if resume_dir is not None:
-        client = checkpoint.load(s.engine, resume_dir)
+        client = checkpoint.load(c.engine, resume_dir)
         start = client["step"]
         dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
     if dist.rank() == 0:
@@ -325,16 +217,16 @@ def run(recipe: C.Recipe) -> Result:
             "world_size": dist.world_size(),
             "resumed_from": str(resume_dir or ""),
             "start_step": start,
-            "total_steps": s.total_steps,
+            "total_steps": c.total_steps,
             **versions(),
         }
-        if s.objective.reference == "offline":
-            info["cache_fingerprints"] = s.reference.manifest["fingerprints"]
+        if c.objective.ref_kind == "offline":
+            info["cache_fingerprints"] = c.reference.manifest["fingerprints"]
         (Path(recipe.output.dir) / "run_info.json").write_text(json.dumps(info, indent=1))
-    writer = metrics.Writer(recipe.output.dir, recipe.logging, s.total_steps, C.to_dict(recipe))
+    writer = metrics.Writer(recipe.output.dir, recipe.logging, c.total_steps, C.to_dict(recipe))
     history, preempted, bad_run, bad_total = [], False, 0, 0
-    for step in range(start, s.total_steps):
-        m, skipped, reason = train_step(s, step)
+    for step in range(start, c.total_steps):
+        m, skipped, reason = train_step(c, step)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
         m["nonfinite_skipped_steps"] = bad_total
@@ -349,18 +241,18 @@ def run(recipe: C.Recipe) -> Result:
                 )
         history.append({"step": step + 1, **m})
         writer.write(step + 1, m, start)
-        every, done = recipe.output.save_every, step + 1
-        preempted = stop.agreed(s.device)
-        if (every and done % every == 0) or done == s.total_steps or preempted:
+        save_every, done = recipe.output.save_every, step + 1
+        preempted = stop.agreed(c.device)
+        if (save_every and done % save_every == 0) or done == c.total_steps or preempted:
             client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size}
-            checkpoint.save(s.engine, recipe, done, client, s.model_config, s.tokenizer)
+            checkpoint.save(c.engine, recipe, done, client, c.engine.module.config, c.tokenizer)
         if preempted:
             dist.log(f"preempted ({stop.signal or 'signal on another rank'}) after step {done}: checkpoint saved")
             break
     writer.close()
     if not preempted and dist.rank() == 0:
-        (Path(recipe.output.dir) / DONE).write_text(json.dumps({"steps": s.total_steps, **versions()}))
-    return Result(history, s, preempted)
+        (Path(recipe.output.dir) / DONE).write_text(json.dumps({"steps": c.total_steps, **versions()}))
+    return Result(history, c, preempted)
 
 
 def main(argv: list[str] | None = None) -> None:

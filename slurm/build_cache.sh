@@ -10,4 +10,4 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -uo pipefail
-exec "${FPO_DS_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/run_step.sh" fpo_ds.cache "$@"
+exec "${FPO_DS_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/run_step.sh" fpo_ds.cache_build "$@"

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fpo_ds import config as C
 from fpo_ds import data as D
+from fpo_ds import ds_config
 from fpo_ds import model as M
 from fpo_ds.losses import IGNORE_INDEX
 from fpo_ds.sae import check_against_model, load_sae
@@ -31,19 +32,19 @@ def test_batch_arithmetic_error_shows_its_arithmetic():
         match=r"global_batch_size=64 is not a multiple of micro_batch_size\*world_size = "
         r"2\*24 = 48",
     ):
-        M.accumulation_steps(64, 2, 24)
+        ds_config.accumulation_steps(64, 2, 24)
 
 
 def test_deepspeed_json_with_batch_keys_or_missing_is_refused(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="sets \\['train_batch_size'\\].*Delete these keys"):
-        M.deepspeed_config(str(bad), 8, 1, 2)
+        ds_config.build(str(bad), 8, 1, 2)
     with pytest.raises(FileNotFoundError, match="deepspeed.config: .*nope.json not found.*zero3_bf16.json"):
-        M.deepspeed_config(str(tmp_path / "nope.json"), 8, 1, 2)
+        ds_config.build(str(tmp_path / "nope.json"), 8, 1, 2)
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
-        M.deepspeed_config(str(bad), 8, 1, 2)
+        ds_config.build(str(bad), 8, 1, 2)
 
 
 def test_sae_that_cannot_read_the_model(world):
@@ -214,11 +215,11 @@ def test_data_pipeline_drops_or_keeps_and_masks_only_responses(tokenizer, batch)
 
 def test_relative_deepspeed_config_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # e.g. where a multi-node launcher starts the ranks
-    cfg = M.deepspeed_config("ds_configs/zero3_fp32.json", 8, 1, 2)
+    cfg = ds_config.build("ds_configs/zero3_fp32.json", 8, 1, 2)
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_accumulation_steps"] == 4
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero3_fp32.json").write_text('{"zero_optimization": {"stage": 2}}')
-    assert M.deepspeed_config("ds_configs/zero3_fp32.json", 8, 1, 2)["zero_optimization"]["stage"] == 2  # cwd wins
+    assert ds_config.build("ds_configs/zero3_fp32.json", 8, 1, 2)["zero_optimization"]["stage"] == 2  # cwd wins
 
 
 def test_cli_reports_bad_input_in_one_paragraph(capsys):

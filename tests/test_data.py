@@ -134,8 +134,11 @@ def test_bad_data_path_message():
 
 def test_order_is_seeded_and_world_size_invariant():
     n, g = 40, 8
-    assert D.epoch_order(n, 1, 0) == D.epoch_order(n, 1, 0) != D.epoch_order(n, 2, 0)
+    assert D.step_indices(n, 1, 0, n, 0, 1) == D.step_indices(n, 1, 0, n, 0, 1) != D.step_indices(n, 2, 0, n, 0, 1)
+    assert sorted(D.step_indices(n, 1, 0, n, 0, 1)) == list(range(n))
     for step in range(7):  # crosses an epoch boundary (5 steps per epoch)
+        per_micro = D.micro_batches(n, 3, step, g, 2, 2)  # [micro-batch][rank]: the ranks' blocks, in order
+        assert [x for r in range(2) for mb in per_micro for x in mb[r]] == D.step_indices(n, 3, step, g, 0, 1)
         one = D.step_indices(n, 3, step, g, 0, 1)
         two = D.step_indices(n, 3, step, g, 0, 2) + D.step_indices(n, 3, step, g, 1, 2)
         assert one == two and len(set(one)) == g

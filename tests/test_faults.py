@@ -3,9 +3,9 @@
 A fault names what broke, or leaves the last good checkpoint as "latest"; resume=auto then
 matches an uninterrupted run.
 
-Test hooks (environment): FPO_DS_FAULT_NAN_STEPS poisons rank 1's loss at those steps,
-FPO_DS_FAULT_NAN_GRAD_STEPS its gradients (the loss stays finite);
-FPO_DS_FAULT_DIE_IN_SAVE=N makes every rank exit abruptly (like kill -9) inside the save of step N.
+Faults are injected through fpo_ds.faults's one switch, FPO_DS_FAULT (e.g. "nan_loss@3;nan_grad@4":
+rank 1's loss / gradients become NaN at those steps; "die_in_save@4": every rank exits abruptly,
+like kill -9, inside the save of step 4).
 """
 
 import json
@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 from helpers import subprocess_env
 
+from fpo_ds import pipeline
 from fpo_ds.tools import toy
 
 pytestmark = pytest.mark.multiproc
@@ -33,15 +33,8 @@ def world(tmp_path_factory):
     return toy.write_world(tmp_path_factory.mktemp("faults") / "world", "gemma2", n_train=64, n_eval=8)
 
 
-def _cmd(world, out: Path, *extra: str, port: int) -> list[str]:
+def _args(world, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
         "-m",
         "fpo_ds.train",
         "recipes/tiny.yaml",
@@ -56,14 +49,9 @@ def _cmd(world, out: Path, *extra: str, port: int) -> list[str]:
 
 
 def _train(world, out: Path, *extra: str, port: int, env: dict | None = None, ok: bool = True):
-    proc = subprocess.run(
-        _cmd(world, out, *extra, port=port),
-        cwd=ROOT,
-        env={**ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = _args(world, out, *extra)
+    env = {**ENV, **(env or {})}
+    proc = pipeline.torchrun(args, 2, port=port, env=env, cwd=ROOT, capture=True, timeout=300, check=False)
     text = proc.stdout + proc.stderr
     assert (proc.returncode == 0) == ok, text[-4000:]
     return text
@@ -82,7 +70,7 @@ def uninterrupted(world, tmp_path_factory):
 
 def test_all_ranks_killed_during_save_keeps_last_good_and_resumes(world, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    _train(world, out, "output.save_every=2", port=29702, env={"FPO_DS_FAULT_DIE_IN_SAVE": "4"}, ok=False)
+    _train(world, out, "output.save_every=2", port=29702, env={"FPO_DS_FAULT": "die_in_save@4"}, ok=False)
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000002"
     assert (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / "COMPLETE.json").exists()
@@ -112,7 +100,7 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them
     from fpo_ds import checkpoint
 
     out = tmp_path / "skip"  # ZeRO-3: step 3 has a NaN loss on rank 1, step 4 NaN gradients with a finite loss
-    env = {"FPO_DS_FAULT_NAN_STEPS": "3", "FPO_DS_FAULT_NAN_GRAD_STEPS": "4"}
+    env = {"FPO_DS_FAULT": "nan_loss@3;nan_grad@4"}
     text = _train(world, out, "train.max_steps=5", "output.save_every=1", port=29705, env=env)
     recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert recs[3]["loss"] is None and recs[3]["lr"] == 0.0 and recs[3]["nonfinite_skipped_steps"] == 1
@@ -136,7 +124,7 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them
         "train.max_nonfinite_steps=2",
         "deepspeed.config=ds_configs/zero2_bf16.json",
         port=29706,
-        env={"FPO_DS_FAULT_NAN_GRAD_STEPS": "2,3,4"},
+        env={"FPO_DS_FAULT": "nan_grad@2,3,4"},
         ok=False,
     )
     assert "step 2: non-finite gradient; step skipped" in text, text[-3000:]
@@ -147,7 +135,7 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them
 def test_killed_rank_ends_torchrun_job_fast(world, tmp_path):
     out = tmp_path / "kill"
     proc = subprocess.Popen(
-        _cmd(world, out, "train.max_steps=400", "train.epochs=50", port=29707),
+        pipeline.torchrun_cmd(2, 29707) + _args(world, out, "train.max_steps=400", "train.epochs=50"),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import subprocess_env
 
+from fpo_ds import pipeline
 from fpo_ds.tools import toy
 
 pytestmark = pytest.mark.multiproc
@@ -73,20 +74,7 @@ def _run(cmd: list[str], timeout: int = 300, **kw) -> str:
 
 @pytest.fixture(scope="module")
 def reference(world):
-    out = _run(
-        [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29621",
-            "-m",
-            "fpo_ds.train",
-            *_args(world, "ref"),
-        ]
-    )
+    out = _run(pipeline.torchrun_cmd(2, 29621) + ["-m", "fpo_ds.train", *_args(world, "ref")])
     assert "world 2" in out
     return _losses(world, "ref")
 

@@ -9,14 +9,14 @@ import glob
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import subprocess_env
 
+from fpo_ds import pipeline
 from fpo_ds.tools import toy
 
 pytestmark = pytest.mark.multiproc
@@ -28,22 +28,11 @@ LN2 = math.log(2.0)
 def _launch(nproc: int, spec: list, out: Path, timeout: int = 900) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    port = str(29500 + (os.getpid() + nproc) % 1000)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        port,
-        str(ROOT / "tests" / "mp_driver.py"),
-        str(out / "spec.json"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    port = 29500 + (os.getpid() + nproc) % 1000
+    entry = [str(ROOT / "tests" / "mp_driver.py"), str(out / "spec.json"), str(out)]
+    proc = pipeline.torchrun(
+        entry, nproc, port=port, env=subprocess_env(), cwd=ROOT, capture=True, timeout=timeout, check=False
+    )
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     # DeepSpeed's CPU shared-memory buffers (66 MiB per rank) must not outlive the run (fpo_ds.dist)
@@ -78,24 +67,24 @@ def runs(tmp_path_factory):
             spec.append(
                 {
                     "name": f"{arch}-{m}",
-                    "action": "train",
+                    "stage": "train",
                     "recipe": _recipe(tmp, world, f"{arch}-{m}", loss={"method": m}),
                 }
             )
     learn = dict(loss={"method": "dpo"}, train={"max_steps": 24, "epochs": 3, "lr": 3e-3})
-    spec.append({"name": "learn", "action": "train", "recipe": _recipe(tmp, g, "learn", **learn)})
+    spec.append({"name": "learn", "stage": "train", "recipe": _recipe(tmp, g, "learn", **learn)})
     full = _recipe(tmp, g, "full", loss={"method": "dpo"}, train={"max_steps": 4}, output={"save_every": 2})
-    spec.append({"name": "full", "action": "train", "recipe": full})
+    spec.append({"name": "full", "stage": "train", "recipe": full})
     part = _recipe(tmp, g, "part", loss={"method": "dpo"}, train={"max_steps": 2})
-    spec.append({"name": "part", "action": "train", "recipe": part})
-    spec.append({"name": "rest", "action": "train", "recipe": part, "overrides": ["train.max_steps=4"]})
+    spec.append({"name": "part", "stage": "train", "recipe": part})
+    spec.append({"name": "rest", "stage": "train", "recipe": part, "overrides": ["train.max_steps=4"]})
     off = dict(loss={"method": "dpo", "reference": "offline"}, cache={"dir": str(tmp / "cache")})
-    spec.append({"name": "cache", "action": "build_cache", "recipe": _recipe(tmp, g, "cache", **off)})
-    spec.append({"name": "offline", "action": "train", "recipe": _recipe(tmp, g, "offline", **off)})
+    spec.append({"name": "cache", "stage": "build-cache", "recipe": _recipe(tmp, g, "cache", **off)})
+    spec.append({"name": "offline", "stage": "train", "recipe": _recipe(tmp, g, "offline", **off)})
     spec.append(
         {
             "name": "bf16",
-            "action": "train",
+            "stage": "train",
             "recipe": _recipe(
                 tmp,
                 g,
@@ -109,7 +98,7 @@ def runs(tmp_path_factory):
     spec.append(
         {
             "name": "zero2",
-            "action": "train",
+            "stage": "train",
             "recipe": _recipe(
                 tmp,
                 g,
@@ -123,7 +112,7 @@ def runs(tmp_path_factory):
     spec.append(
         {
             "name": "offload",  # ZeRO-Offload: DeepSpeed's CPU Adam (JIT-compiled once, ~35 s on 2 cores)
-            "action": "train",
+            "stage": "train",
             "recipe": _recipe(
                 tmp,
                 g,
@@ -134,41 +123,41 @@ def runs(tmp_path_factory):
         }
     )
     inv = dict(loss={"method": "dpo"}, train={"global_batch_size": 2, "max_steps": 3})
-    spec.append({"name": "ranks2_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r2m1", **inv)})
+    spec.append({"name": "ranks2_micro1", "stage": "train", "dump": True, "recipe": _recipe(tmp, g, "r2m1", **inv)})
     # FPO: a JumpReLU SAE on the last block's residual stream, saved with sae-lens's own save_model.
     toy.random_sae("jumprelu", 64, 96, 3, seed=1).save_model(str(tmp / "sae"))
     toy.random_sae("jumprelu", 64, 96, 3, seed=2).save_model(str(tmp / "sae-other"))
     fpo = dict(loss={"method": "fpo"}, sae={"path": str(tmp / "sae"), "k": 8}, cache={"dir": str(tmp / "fpo-cache")})
-    spec.append({"name": "fpo_cache", "action": "build_cache", "recipe": _recipe(tmp, g, "fpo-cache", **fpo)})
-    spec.append({"name": "fpo", "action": "train", "recipe": _recipe(tmp, g, "fpo", **fpo)})
+    spec.append({"name": "fpo_cache", "stage": "build-cache", "recipe": _recipe(tmp, g, "fpo-cache", **fpo)})
+    spec.append({"name": "fpo", "stage": "train", "recipe": _recipe(tmp, g, "fpo", **fpo)})
     spec.append(
         {
             "name": "fpo_ckpt",
-            "action": "train",
+            "stage": "train",
             "recipe": _recipe(tmp, g, "fpo-ckpt", **fpo, model={"gradient_checkpointing": True}),
         }
     )
     spec.append(
         {
             "name": "dpo_from_fpo_cache",
-            "action": "train",
+            "stage": "train",
             "recipe": _recipe(
                 tmp, g, "dpo-fpo-cache", loss={"method": "dpo", "reference": "offline"}, cache=fpo["cache"]
             ),
         }
     )
-    spec.append({"name": "sae", "action": "sae_check", "recipe": full})
-    spec.append({"name": "zero_init", "action": "zero_init_check", "recipe": full})
+    spec.append({"name": "sae", "check": "sae"})
+    spec.append({"name": "zero_init", "check": "zero_init", "recipe": full})
     two = _launch(2, spec, tmp / "out2")
     one_spec = [
-        {"name": "fpo_1rank", "action": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
+        {"name": "fpo_1rank", "stage": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
         {
             "name": "rank1_micro2",
-            "action": "train+dump",
+            "stage": "train", "dump": True,
             "recipe": _recipe(tmp, g, "r1m2", **inv),
             "overrides": ["train.micro_batch_size=2"],
         },
-        {"name": "rank1_micro1", "action": "train+dump", "recipe": _recipe(tmp, g, "r1m1", **inv)},
+        {"name": "rank1_micro1", "stage": "train", "dump": True, "recipe": _recipe(tmp, g, "r1m1", **inv)},
     ]
     one = _launch(1, one_spec, tmp / "out1")
     return {"two": two, "one": one, "tmp": tmp, "fpo_recipe": _recipe(tmp, g, "fpo-check", **fpo)}
@@ -214,7 +203,7 @@ def test_offline_reference_matches_live(runs):
     live, off = _losses(runs["two"], "gemma2-dpo"), _losses(runs["two"], "offline")
     assert off == pytest.approx(live, abs=1e-5)
     assert runs["two"]["offline"]["reference"] == "Reader"  # no reference model was loaded
-    assert runs["two"]["gemma2-dpo"]["reference"] == "DeepSpeedEngine"
+    assert runs["two"]["gemma2-dpo"]["reference"] == "LiveReference"  # a frozen engine run each step
     manifest = json.loads((runs["tmp"] / "cache" / "manifest.json").read_text())
     assert [p["file"] for p in manifest["parts"]] == [
         "part-00000-of-00002.safetensors",
@@ -330,24 +319,25 @@ def test_cache_built_on_two_ranks_trains_on_one_and_serves_dpo(runs):
 
 def test_sharded_encoder_matches_sae_lens(runs):
     for rank_res in runs["two"]["sae"]["per_rank"]:
-        assert len(rank_res) == 5, rank_res.keys()
-        for arch, r in rank_res.items():
-            assert r["fwd_err"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["nonzero"] == 1.0, (arch, r)
-            assert r["n_max_given_equal"], (arch, r)
-            # 2 ranks: this rank's resident share of the encoder is half of W_enc and b_enc (+ b_dec)
-            assert r["resident_bytes"] <= r["encoder_bytes"] / 2 + 16 * 4 * 2 + 96, (arch, r)
+        assert len(rank_res) == 10, rank_res.keys()  # 5 architectures x shard groups none (1) and world (2)
+        for name, r in rank_res.items():
+            assert r["fwd_err"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["nonzero"] == 1.0, (name, r)
+            assert r["n_max_given_equal"], (name, r)
+            if r["group_size"] == 2:  # this rank's resident share is half of W_enc and b_enc (+ b_dec)
+                assert r["resident_bytes"] <= r["encoder_bytes"] / 2 + 16 * 4 * 2 + 96, (name, r)
+                assert r["comm_bytes"] > 0, (name, r)
+            else:  # replicated: the whole encoder, no traffic
+                assert r["resident_bytes"] >= r["encoder_bytes"] - 16 * 4 and r["comm_bytes"] == 0, (name, r)
     assert runs["two"]["sae"]["bf16_many_rows_err"] <= 1e-6  # row ids exact with bf16 and 300 rows
 
 
 def _reader(recipe_path, *overrides):
-    from fpo_ds import cache, data
+    from fpo_ds import cache, components
     from fpo_ds import config as C
-    from fpo_ds import model as M
 
     recipe = C.load(recipe_path, list(overrides))
-    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
-    _, fp = data.load_pairs(recipe.data, tok)
-    return cache.Reader(recipe, tok, fp)
+    tok, _, fingerprint = components.load_data(recipe)
+    return cache.Reader(recipe, tok, fingerprint)
 
 
 def test_cache_refuses_wrong_or_damaged(runs, tmp_path):

@@ -103,7 +103,7 @@ def zero_settings(ds_config: str) -> dict:
     """Offload settings of the recipe's DeepSpeed JSON; the estimate models ZeRO-3 only."""
     import json
 
-    from fpo_ds.model import ds_config_path
+    from fpo_ds.ds_config import path as ds_config_path
 
     path = ds_config_path(ds_config)
     zero = json.loads(path.read_text()).get("zero_optimization", {})

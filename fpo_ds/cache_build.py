@@ -1,0 +1,151 @@
+"""`fpo-ds build-cache RECIPE [key=value ...]`: run the reference once, write the offline cache.
+
+Run under the same launcher and world size as training: rank r runs the reference over the
+pairs rank r will train on and writes its part (the format is described in cache.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import save_file
+
+from fpo_ds import cache, components, data, dist
+from fpo_ds import config as C
+from fpo_ds import model as M
+
+
+def sparse(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, d_sae) -> top-k (idx int32, val f32) with -1 for non-positive entries, and the largest dropped value."""
+    top = features.float().topk(min(k + 1, features.shape[1]), dim=1)
+    vals, idx = top.values[:, :k], top.indices[:, :k]
+    dropped = top.values[:, k] if top.values.shape[1] > k else torch.zeros(features.shape[0], device=features.device)
+    idx = torch.where(vals > 0, idx, torch.full_like(idx, -1))
+    pad = k - vals.shape[1]  # an SAE narrower than k_cache
+    if pad > 0:
+        vals = torch.nn.functional.pad(vals, (0, pad))
+        idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+    return idx.int(), torch.where(idx >= 0, vals, torch.zeros_like(vals)), dropped.clamp(min=0)
+
+
+def material_drops(val: torch.Tensor, dropped: torch.Tensor, ratio: float = cache.DROP_RATIO) -> torch.Tensor:
+    """(rows, k) kept values (0: empty slot), (rows,) largest dropped -> (rows,) dropped > ratio * smallest kept."""
+    kept = torch.where(val > 0, val, torch.full_like(val, float("inf"))).min(dim=1).values
+    return (dropped > 0) & (dropped > ratio * kept)
+
+
+def _pair_rows(x: torch.Tensor) -> torch.Tensor:
+    """(2b, ...) chosen rows then rejected rows -> (b, 2, ...)."""
+    b = x.shape[0] // 2
+    return torch.stack([x[:b], x[b:]], 1)
+
+
+def _approximation(cols: dict, device: str) -> dict:
+    """Over all ranks: how many pooled vectors dropped a material value (collective)."""
+    val, dropped = torch.cat(cols["feat_val"]).flatten(0, 1), torch.cat(cols["feat_dropped_max"]).flatten()
+    stats = torch.tensor([dropped.numel(), material_drops(val, dropped).sum().item()], dtype=torch.float64)
+    stats = stats.to(device)
+    tdist.all_reduce(stats)
+    top = dropped.max().reshape(1).to(device)
+    tdist.all_reduce(top, op=tdist.ReduceOp.MAX)
+    rows, material = (int(x) for x in stats.tolist())
+    share = material / max(rows, 1)
+    return {"rows": rows, "material_rows": material, "material_share": share, "max_dropped": top.item()}
+
+
+def build(recipe: C.Recipe) -> Path:
+    """Collective: every rank runs the reference over its own shard and writes its part."""
+    final = Path(recipe.cache.dir)
+    if final.exists():
+        raise FileExistsError(f"cache.dir: {final} already exists; delete it (or pick another cache.dir) to rebuild")
+    c = components.build(recipe, "cache")
+    rank, world = dist.rank(), dist.world_size()
+    tmp = final.with_name(final.name + ".partial")
+    every = [cache.rank_positions(len(c.pairs), recipe, r, world) for r in range(world)]
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    tdist.barrier()
+    names = ("example_id", "sum_logps", "n_tokens", "feat_idx", "feat_val", "feat_dropped_max")
+    cols: dict[str, list] = {k: [] for k in names}
+    mb, k = recipe.train.micro_batch_size, cache.k_cache(recipe)
+    t_start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(every[rank]), mb):
+            peers = [[c.pairs[j] for j in ix[i : i + mb]] for ix in every]
+            batch = M.to_device(data.collate(peers[rank], c.tokenizer.pad_token_id), c.device)
+            if c.features:
+                c.features.arm()
+            out = M.sequence_logps(c.engine, batch)
+            cols["example_id"].append(batch.example_ids.cpu())
+            cols["sum_logps"].append(_pair_rows(out.sum_logps.float()).cpu())
+            cols["n_tokens"].append(_pair_rows(out.n_tokens.int()).cpu())
+            if c.features:
+                idx, val, dropped = sparse(c.features.read(batch, peers).features, k)
+                cols["feat_idx"].append(_pair_rows(idx).cpu())
+                cols["feat_val"].append(_pair_rows(val).cpu())
+                cols["feat_dropped_max"].append(_pair_rows(dropped).cpu())
+            if (i // mb) % 50 == 0:
+                dist.log(f"build-cache: {i + mb}/{len(every[rank])} pairs on rank 0")
+    seconds = time.perf_counter() - t_start  # the reference pass (forward, SAE, top-k), before writing
+    approx = _approximation(cols, c.device) if c.features else None
+    tensors = {key: torch.cat(v) for key, v in cols.items() if v}
+    name = cache.part_name(rank, world)
+    save_file(tensors, str(tmp / name))
+    entry = {"file": name, "rows": len(every[rank]), "sha256": cache.sha256(tmp / name)}
+    entry["bytes"] = (tmp / name).stat().st_size
+    entries = [None] * world
+    tdist.all_gather_object(entries, entry)
+    if rank == 0:
+        _finish(recipe, c, tmp, final, entries, seconds, approx)
+    tdist.barrier()
+    if c.features:
+        c.features.close()
+    return final
+
+
+def _finish(recipe: C.Recipe, c, tmp: Path, final: Path, entries: list, seconds: float, approx: dict | None) -> None:
+    """Rank 0: the recipe, then the manifest (written last), then the rename into place."""
+    C.dump(recipe, tmp / "recipe.yaml")
+    manifest = {
+        "format": cache.FORMAT,
+        "fingerprints": cache.fingerprints(recipe, c.tokenizer, c.data_fingerprint),
+        "k_cache": cache.k_cache(recipe) if c.features else None,
+        "world_size": dist.world_size(),
+        "global_batch_size": recipe.train.global_batch_size,
+        "data_seed": recipe.data.seed,
+        "n_pairs": len(c.pairs),
+        "build_seconds": seconds,
+        "approximation": approx,
+        "parts": entries,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, final)
+    rows = sum(e["rows"] for e in entries)
+    size = sum(e["bytes"] for e in entries)
+    per_pair = size / max(rows, 1)
+    dist.log(f"build-cache: wrote {rows} pairs in {len(entries)} parts to {final} ({per_pair:.0f} bytes/pair)")
+    note = cache.approximation_note(manifest)
+    if note:
+        dist.log(note)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="fpo-ds build-cache", description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+    build(C.load(args.recipe, args.overrides))
+    dist.shutdown(0)
+
+
+if __name__ == "__main__":
+    main()

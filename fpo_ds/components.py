@@ -1,0 +1,148 @@
+"""Set-up, once for every entry point: recipe -> the components a distributed run needs.
+
+`build(recipe, role)` runs the same steps in the same order for training and for the cache
+build: start torch.distributed, derive the DeepSpeed config, load the tokenizer and the pairs,
+load this rank's slice of the SAE encoder (when features are wanted), build the engine, attach
+the feature reader, and (training) the reference. The rule that sae-lens is imported before
+any `deepspeed.zero.Init` lives here only (`import_sae_lens`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Literal, NamedTuple
+
+import torch
+
+from fpo_ds import cache, data, dist, ds_config, objective
+from fpo_ds import config as C
+from fpo_ds import model as M
+from fpo_ds.features import FeatureReader
+
+Role = Literal["train", "cache"]  # the trainable policy, or the frozen reference whose outputs are cached
+
+
+class Components(NamedTuple):
+    recipe: C.Recipe
+    ds_cfg: dict
+    device: str
+    tokenizer: object
+    pairs: list[data.Pair]
+    data_fingerprint: str
+    total_steps: int
+    engine: object  # train: the policy engine (optimizer, schedule); cache: the frozen reference engine
+    features: FeatureReader | None  # pooled SAE features of `engine` at the SAE's block
+    objective: objective.Objective | None  # train only
+    reference: objective.LiveReference | cache.Reader | None  # train only: where reference outputs come from
+
+
+def import_sae_lens() -> None:
+    """Import sae-lens now: after any `deepspeed.zero.Init` has run in a process, importing it fails.
+
+    Call it before the first engine of a process is built whenever a later step may load an SAE.
+    """
+    if importlib.util.find_spec("sae_lens"):
+        import sae_lens  # noqa: F401
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Linear warmup to the peak, then constant or cosine decay to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def adamw(params, train_cfg, ds_cfg: dict) -> torch.optim.Optimizer:
+    """AdamW: torch's, or DeepSpeed's CPU Adam (AdamW mode) when the JSON offloads the optimizer.
+
+    DeepSpeed refuses a torch optimizer under ZeRO-Offload; its CPU Adam is JIT-compiled on first use.
+    """
+    t = train_cfg
+    if ds_config.offloads_optimizer(ds_cfg):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+
+
+def policy_engine(recipe: C.Recipe, ds_cfg: dict, total_steps: int):
+    """The trainable policy: partitioned load, optimizer, LR schedule, deepspeed.initialize (collective)."""
+    import deepspeed
+
+    torch.manual_seed(recipe.train.seed)
+    policy, keep = M.load_model(recipe.model, ds_cfg)
+    if recipe.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    t = recipe.train
+    opt = adamw(policy.parameters(), t, ds_cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, total_steps, t.schedule))
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    del keep
+    return engine
+
+
+def _encoder(recipe: C.Recipe, device: str):
+    """This rank's slice of the SAE encoder, sharded over its `sae.shard_group` (collective)."""
+    from fpo_ds import sae
+
+    group = dist.block_groups(recipe.sae.shard_group)
+    encoder, layer = sae.sharded_encoder(recipe.sae, M.load_config(recipe.model), group, device)
+    dist.log(
+        f"SAE encoder: d_sae {encoder.d_sae}, block {layer}, shard group of {group.size} rank(s) "
+        f"(sae.shard_group={recipe.sae.shard_group}), {encoder.resident_bytes() / 2**20:.1f} MiB resident per rank"
+    )
+    return encoder, layer
+
+
+def load_data(recipe: C.Recipe) -> tuple[object, list[data.Pair], str]:
+    """The tokenizer, the tokenised pairs and the dataset fingerprint (no collective, no model)."""
+    tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
+    pairs, fingerprint = data.load_pairs(recipe.data, tok, log=dist.log)
+    return tok, pairs, fingerprint
+
+
+def build(recipe: C.Recipe, role: Role) -> Components:
+    """Collective: every rank calls it with the same recipe."""
+    from deepspeed.accelerator import get_accelerator
+
+    dist.init(recipe.deepspeed.timeout_minutes)
+    t, world = recipe.train, dist.world_size()
+    ds_cfg = ds_config.build(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world)
+    ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
+    device = get_accelerator().current_device_name()
+    tok, pairs, fingerprint = load_data(recipe)
+    steps = ds_config.total_steps(len(pairs), t)
+    wants_features = recipe.loss.method == "fpo" if role == "train" else cache.has_features(recipe)
+    encoder = layer = None
+    if wants_features:
+        import_sae_lens()
+        encoder, layer = _encoder(recipe, device)
+    obj = reference = None
+    if role == "train":
+        from fpo_ds.sae import load_feature_weights
+
+        weights = load_feature_weights(recipe.sae.feature_weights, encoder.d_sae, device) if encoder else None
+        obj = objective.build(recipe.loss, recipe.sae.k, weights)
+        engine = policy_engine(recipe, ds_cfg, steps)
+        if obj.ref_kind == "live":
+            reference = objective.LiveReference(M.frozen_engine(recipe.model, ds_cfg), obj.keep_logits)
+        elif obj.ref_kind == "offline":
+            reference = cache.Reader(recipe, tok, fingerprint, device)
+    else:
+        engine = M.frozen_engine(recipe.model, ds_cfg)
+    features = FeatureReader(engine.module, layer, encoder) if encoder else None
+    dist.log(
+        f"fpo-ds {role}: {recipe.loss.method if role == 'train' else 'reference cache'}"
+        f"{f' (reference: {obj.ref_kind})' if obj else ''}, {len(pairs)} pairs, {steps} steps, world {world}, "
+        f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x {world} ranks x accumulation "
+        f"{ds_cfg['gradient_accumulation_steps']}, ZeRO-{ds_config.zero_stage(ds_cfg)}, {ds_config.torch_dtype(ds_cfg)}"
+    )
+    return Components(recipe, ds_cfg, device, tok, pairs, fingerprint, steps, engine, features, obj, reference)
