@@ -34,9 +34,16 @@ def child_env(base: dict | None = None, **extra: str) -> dict:
     return env
 
 
-def torchrun_cmd(nproc: int, port: int) -> list[str]:
-    """The command line that starts `nproc` local ranks (append the entry: a script or -m module and its args)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+def torchrun_cmd(nproc: int, port: int, nodes: int = 1, node_rank: int = 0, master: str | None = None) -> list[str]:
+    """The command line that starts `nproc` ranks on this host (append a script or -m module and its args).
+
+    With nodes > 1 it is this host's part of a static multi-node launch: run it on every host
+    with its node_rank and the first host's address as `master`.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    if nodes > 1:
+        cmd += ["--nnodes", str(nodes), "--node_rank", str(node_rank), "--master_addr", master or "127.0.0.1"]
+    return cmd
 
 
 def torchrun(

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import subprocess_env
+from helpers import need_infra, subprocess_env
 
 from fpo_ds import pipeline
 from fpo_ds.tools import toy
@@ -27,16 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENV = subprocess_env()
 STEPS = 3
-
-
-def _need(script: str) -> None:
-    """Bring up test infrastructure; skip only outside CI when it cannot exist here."""
-    proc = subprocess.run(["bash", str(ROOT / "tests" / "infra" / script)], capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        msg = f"{script} failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +113,7 @@ def test_deepspeed_launcher_matches_torchrun(world, reference):
 
 
 def test_two_hosts_in_network_namespaces(world, reference):
-    _need("netns_up.sh")
+    need_infra("netns_up.sh")
     procs = []
     for i in (1, 2):
         cmd = [
@@ -162,7 +152,7 @@ def test_deepspeed_hostfile_across_two_hosts(world, reference, tmp_path):
     The ssh stand-in gives each host a fresh environment, so the ranks get only what the launcher
     forwards: the variables in `.deepspeed_env` in the launch directory.
     """
-    _need("netns_up.sh")
+    need_infra("netns_up.sh")
     (tmp_path / "hostfile").write_text("node1 slots=1\nnode2 slots=1\n")
     keep = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TORCH_EXTENSIONS_DIR")
     (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={ENV[k]}\n" for k in keep))
@@ -241,7 +231,7 @@ def _wait_step(world, name: str, step: int, timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def slurm():
-    _need("slurm_up.sh")
+    need_infra("slurm_up.sh")
 
 
 def test_sbatch_trains_with_distinct_ranks(slurm, world, reference):

@@ -20,7 +20,7 @@ from pathlib import Path
 from fpo_ds import pipeline
 from fpo_ds.tools import toy
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
 METHODS = {  # name -> overrides
     "sft": {"loss.method": "sft"},
     "simpo": {"loss.method": "simpo"},

@@ -17,7 +17,7 @@ import torch
 from fpo_ds import checkpoint
 from fpo_ds.tools import evaluate, report, toy
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
 METHODS = ("dpo", "simpo", "tdpo2", "fpo")
 SAE_LAYER = 3  # the last of the tiny model's 4 blocks: the paper finds layers near the output best
 
