@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 METHODS = ("sft", "dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo")
-# Paper defaults (FPO_SPEC.md): beta 0.1 everywhere except SimPO's 2.0.
+# Paper defaults (arXiv 2411.07618): beta 0.1 everywhere except SimPO's 2.0.
 DEFAULT_BETA = {"sft": 0.0, "dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1, "fpo": 0.1}
 MISSING_REQUIRED = object()
 # Where recipes/tiny.yaml's model and data come from (named in missing-path errors).

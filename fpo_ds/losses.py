@@ -1,4 +1,4 @@
-"""Preference losses as pure tensor functions (FPO_SPEC.md is the source of every formula).
+"""Preference losses as pure tensor functions, one per method (formulas in each docstring).
 
 Conventions: `b` pairs; `*_c` is the chosen response y_w, `*_r` the rejected y_l.
 `sum_*` are summed response log-probs, `mean_*` are per-token means (sum / |y|).

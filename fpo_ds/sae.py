@@ -126,30 +126,23 @@ def _exchange(x: torch.Tensor, group: Group, log_name: str) -> torch.Tensor:
     return torch.stack(out)
 
 
-class _GatherRows(torch.autograd.Function):
-    """all_gather of equal-shaped (N, d) -> (G, N, d); backward sends each piece home and sums."""
+class _Collective(torch.autograd.Function):
+    """The group's two differentiable collectives.
+
+    "gather": (N, d) from each rank -> (G, N, d); its adjoint sends each piece home and sums.
+    "exchange": all-to-all of (G, m, f), piece j to group rank j; it is its own adjoint.
+    """
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, group, GATHER_LOG)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _exchange(g, ctx.group, GATHER_LOG + "_grad").sum(0), None
-
-
-class _AllToAll(torch.autograd.Function):
-    """(G, m, f) exchanged within the group. Self-adjoint."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _exchange(x, group, ALL_TO_ALL_LOG)
+    def forward(ctx, x, group, kind):
+        ctx.group, ctx.kind = group, kind
+        return _gather(x, group, GATHER_LOG) if kind == "gather" else _exchange(x, group, ALL_TO_ALL_LOG)
 
     @staticmethod
     def backward(ctx, g):
-        return _exchange(g, ctx.group, ALL_TO_ALL_LOG + "_grad"), None
+        if ctx.kind == "gather":
+            return _exchange(g, ctx.group, GATHER_LOG + "_grad").sum(0), None, None
+        return _exchange(g, ctx.group, ALL_TO_ALL_LOG + "_grad"), None, None
 
 
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)
@@ -358,13 +351,13 @@ class ShardedEncoder:
         tokens = tokens if exact else tokens.float()
         row_col = torch.nn.functional.pad(row_of, (0, pad), value=rows).to(tokens.dtype).unsqueeze(1)
         packed = torch.cat([torch.nn.functional.pad(tokens, (0, 0, 0, pad)), row_col], 1)
-        gathered = _GatherRows.apply(packed, self.group)  # (G, n_max, d_in + 1)
+        gathered = _Collective.apply(packed, self.group, "gather")  # (G, n_max, d_in + 1)
         all_rows = gathered[..., -1].detach().long()  # (G, n_max)
         dest = (all_rows + (rows + 1) * torch.arange(G, device=h.device).unsqueeze(1)).reshape(-1)
         xc = self.centred(gathered[..., :-1].reshape(-1, self.d_in))
         sums = _EncodePool.apply(xc, dest, self, G * (rows + 1), clock)
         sums = sums.reshape(G, rows + 1, self.width)[:, :rows]
-        mine = _AllToAll.apply(sums, self.group)  # (G, rows, width): slice i of my rows, from group rank i
+        mine = _Collective.apply(sums, self.group, "exchange")  # (G, rows, width): slice i of my rows, from rank i
         full = mine.permute(1, 0, 2).reshape(rows, G * self.width)[:, : self.d_sae]
         args = (G, n_max, self.d_in, rows, self.width, packed.element_size(), sums.element_size())
         fwd = comm_bytes_per_call(*args, topk=min(self.k, self.width))
