@@ -62,9 +62,7 @@ def fingerprints(recipe: C.Recipe, tokenizer, dataset_fingerprint: str) -> dict:
     base = {
         "format": FORMAT,
         "model": _identity(r.model.name_or_path, r.model.revision),
-        "tokenizer": hashlib.sha256(
-            (json.dumps(tokenizer.get_vocab(), sort_keys=True) + str(tokenizer.chat_template)).encode()
-        ).hexdigest(),
+        "tokenizer": data.tokenizer_digest(tokenizer),
         "data": [r.data.path, r.data.split, r.data.max_samples, r.data.on_bad_row, dataset_fingerprint],
         "lengths": [r.data.max_length, r.data.max_prompt_length],
     }

@@ -68,7 +68,10 @@ def build(recipe: C.Recipe) -> Path:
     c = components.build(recipe, "cache")
     rank, world = dist.rank(), dist.world_size()
     tmp = final.with_name(final.name + ".partial")
+    # Rows are keyed by example id, so each rank runs its pairs longest first: similar lengths pad together.
+    lengths = [data.padded_length(p) for p in c.pairs]
     every = [cache.rank_positions(len(c.pairs), recipe, r, world) for r in range(world)]
+    every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import time
 from typing import Literal, NamedTuple
 
 import torch
@@ -103,10 +105,50 @@ def _encoder(recipe: C.Recipe, device: str):
 
 
 def load_data(recipe: C.Recipe) -> tuple[object, list[data.Pair], str]:
-    """The tokenizer, the tokenised pairs and the dataset fingerprint (no collective, no model)."""
+    """The tokenizer, the tokenised pairs and the dataset fingerprint.
+
+    Tokenised once per run (and reused by later runs on the same rows, tokenizer and lengths):
+    rank 0 tokenises with one worker per core into the datasets cache while the others wait,
+    then every rank loads the result. A node that does not share that directory tokenises on
+    its local rank 0. Collective when torch.distributed is up; plain otherwise.
+    """
     tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
-    pairs, fingerprint = data.load_pairs(recipe.data, tok, log=dist.log)
-    return tok, pairs, fingerprint
+    rows = data.select_rows(recipe.data)
+    path = data.tokenized_path(recipe.data, tok, rows)
+    source = f"{recipe.data.path} [{recipe.data.split}]"
+    _tokenize_once(rows, tok, recipe.data, path, source)
+    t0 = time.perf_counter()
+    pairs = data.read_tokenized(path, recipe.data.on_bad_row, source, dist.log)
+    dist.log(f"data: {len(pairs)} pairs loaded from the tokenized set {path} in {time.perf_counter() - t0:.1f} s")
+    return tok, pairs, rows._fingerprint
+
+
+def _tokenize_once(rows, tok, data_cfg, path, source: str) -> None:
+    """Rank 0 (then, where the directory is not shared, each node's local rank 0) tokenises; all wait."""
+    import torch.distributed as tdist
+
+    distributed = tdist.is_available() and tdist.is_initialized()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    for writer in (dist.rank() == 0, local_rank == 0):
+        error = None
+        if writer and not path.is_dir():
+            t0 = time.perf_counter()
+            procs = len(os.sched_getaffinity(0))
+            dist.log_all(f"data: tokenizing {len(rows)} rows of {source} with {procs} process(es); other ranks wait")
+            try:
+                data.tokenize_to_disk(rows, tok, data_cfg, path, procs)
+                dist.log_all(f"data: tokenized {len(rows)} rows in {time.perf_counter() - t0:.1f} s -> {path}")
+            except (ValueError, OSError) as e:
+                error = f"{type(e).__name__}: {e}"
+        if not distributed:
+            if error:
+                raise ValueError(error)
+            return
+        errors = [None] * dist.world_size()
+        tdist.all_gather_object(errors, error)  # every rank learns of a failure instead of timing out
+        failed = [e for e in errors if e]
+        if failed:
+            raise ValueError(f"data.path: tokenizing {source} failed: {failed[0]}")
 
 
 def build(recipe: C.Recipe, role: Role) -> Components:

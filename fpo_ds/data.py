@@ -8,6 +8,10 @@ its `example_id` (row index in the source split) so caches and resumes can name 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,45 +198,118 @@ def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tup
     return p, c, r
 
 
-def build_pairs(rows, tokenizer, max_length: int, max_prompt_length: int, on_bad_row: str, source: str, log=None):
-    """Tokenise every row; drop (and count, with row ids) or fail on bad rows."""
+def _encode_row(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tuple[list, list, list, str]:
+    """(prompt, chosen, rejected) ids and "" for a usable row; empty lists and why ("reason: detail") otherwise."""
+    try:
+        return (*encode(tokenizer, row, max_length, max_prompt_length), "")
+    except BadRow as e:
+        return [], [], [], str(e)
+
+
+def _collect(records, on_bad_row: str, source: str, log=None) -> tuple[list[Pair], dict[str, list[int]]]:
+    """(row id, prompt, chosen, rejected, why) records -> pairs; bad rows dropped and counted, or refused."""
     pairs, bad = [], {}
-    for i, row in enumerate(rows):
-        try:
-            p, c, r = encode(tokenizer, row, max_length, max_prompt_length)
-        except BadRow as e:
-            if on_bad_row == "fail":
-                raise ValueError(
-                    f"{source}: row {i}: {e}. Fix the row, or set data.on_bad_row=drop to skip such rows"
-                ) from None
-            bad.setdefault(e.reason, []).append(i)
-            continue
-        pairs.append(Pair(i, p, c, r))
+    for i, p, c, r, why in records:
+        if not why:
+            pairs.append(Pair(i, p, c, r))
+        elif on_bad_row == "fail":
+            raise ValueError(f"{source}: row {i}: {why}. Fix the row, or set data.on_bad_row=drop to skip such rows")
+        else:
+            bad.setdefault(why.split(":")[0], []).append(i)
     if bad and log:
-        counts = Counter({k: len(v) for k, v in bad.items()})
-        for reason, n in counts.most_common():
-            log(f"{source}: dropped {n} row(s) [{reason}], row ids {bad[reason][:10]}{' ...' if n > 10 else ''}")
+        for reason, ids in Counter({k: len(v) for k, v in bad.items()}).most_common():
+            log(f"{source}: dropped {ids} row(s) [{reason}], row ids {bad[reason][:10]}{' ...' if ids > 10 else ''}")
     if not pairs:
         raise ValueError(f"{source}: no usable preference pairs (dropped: { {k: len(v) for k, v in bad.items()} })")
     return pairs, bad
 
 
-def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> tuple[list[Pair], str]:
-    """Recipe data section -> (tokenised pairs in source row order, dataset fingerprint)."""
-    split = split or data_cfg.split
-    rows = load_rows(data_cfg.path, split)
+def build_pairs(rows, tokenizer, max_length: int, max_prompt_length: int, on_bad_row: str, source: str, log=None):
+    """Tokenise every row in this process; drop (and count, with row ids) or fail on bad rows."""
+    records = ((i, *_encode_row(tokenizer, row, max_length, max_prompt_length)) for i, row in enumerate(rows))
+    return _collect(records, on_bad_row, source, log)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of the vocabulary and the chat template: what decides the token ids of a row."""
+    text = json.dumps(tokenizer.get_vocab(), sort_keys=True) + str(tokenizer.chat_template)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def select_rows(data_cfg, split: str | None = None):
+    """The recipe's rows: its split of data.path, cut to data.max_samples."""
+    rows = load_rows(data_cfg.path, split or data_cfg.split)
     if data_cfg.max_samples is not None:
         rows = rows.select(range(min(data_cfg.max_samples, len(rows))))
-    pairs, _ = build_pairs(
-        rows,
-        tokenizer,
-        data_cfg.max_length,
-        data_cfg.max_prompt_length,
-        data_cfg.on_bad_row,
-        f"{data_cfg.path} [{split}]",
-        log,
+    return rows
+
+
+def tokenized_path(data_cfg, tokenizer, rows) -> Path:
+    """Where the tokenised rows live: keyed by everything that decides them (rows, tokenizer, lengths)."""
+    import datasets
+
+    key = [TOKENIZED_FORMAT, rows._fingerprint, tokenizer_digest(tokenizer), data_cfg.max_length]
+    key.append(data_cfg.max_prompt_length)
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "fpo_ds-tokenized" / digest
+
+
+TOKENIZED_FORMAT = 1
+
+
+def _encode_rows(batch: dict, indices: list[int], tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """datasets.map function: a batch of rows -> token id columns, and why a row is unusable ("" if usable)."""
+    names = ("prompt_ids", "chosen_ids", "rejected_ids", "bad")
+    out: dict[str, list] = {"example_id": list(indices), **{k: [] for k in names}}
+    for j in range(len(indices)):
+        got = _encode_row(tokenizer, {k: v[j] for k, v in batch.items()}, max_length, max_prompt_length)
+        for key, value in zip(names, got):
+            out[key].append(value)
+    return out
+
+
+def tokenize_to_disk(rows, tokenizer, data_cfg, path: Path, num_proc: int = 1) -> None:
+    """Tokenise every row once (num_proc processes) and save the columns under `path` (atomically)."""
+    num_proc = num_proc if len(rows) >= 2000 else 1  # forking workers costs more than a small set
+    cfg_prompt = data_cfg.max_prompt_length
+    ds = rows.map(
+        _encode_rows,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": data_cfg.max_length, "max_prompt_length": cfg_prompt},
+        desc=f"tokenizing {data_cfg.path}",
+        load_from_cache_file=False,
     )
-    return pairs, rows._fingerprint
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    ds.save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another writer finished first: its result is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_tokenized(path: Path, on_bad_row: str, source: str, log=None) -> list[Pair]:
+    """The saved columns -> pairs in source row order; bad rows dropped (counted) or, with `fail`, refused."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    cols = [ds[k] for k in ("example_id", "prompt_ids", "chosen_ids", "rejected_ids", "bad")]
+    return _collect(zip(*cols), on_bad_row, source, log)[0]
+
+
+def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> tuple[list[Pair], str]:
+    """Recipe data section -> (tokenised pairs in source row order, dataset fingerprint), in this process.
+
+    Distributed runs use components.load_data instead: one rank tokenises, the others load its result.
+    """
+    rows = select_rows(data_cfg, split)
+    path = tokenized_path(data_cfg, tokenizer, rows)
+    if not path.is_dir():
+        tokenize_to_disk(rows, tokenizer, data_cfg, path)
+    source = f"{data_cfg.path} [{split or data_cfg.split}]"
+    return read_tokenized(path, data_cfg.on_bad_row, source, log), rows._fingerprint
 
 
 # ----------------------------------------------------------------------------- order and batches
@@ -264,14 +341,40 @@ def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, wor
     return list(_permutation(n, seed, 0)[start : start + per_rank])
 
 
-def micro_batches(n: int, seed: int, step: int, global_batch: int, micro: int, world: int) -> list[list[list[int]]]:
+def padded_length(pair: Pair) -> int:
+    """Positions the pair occupies in a batch: prompt + the longer response (chosen and rejected share a width)."""
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+def micro_batches(
+    n: int, seed: int, step: int, global_batch: int, micro: int, world: int, lengths: list[int] | None = None
+) -> list[list[list[int]]]:
     """Positions of optimizer step `step`, as [micro-batch][rank] -> that rank's positions.
 
-    Every rank computes every rank's share (it is arithmetic on one seeded permutation), so
-    anything sized by the busiest rank of a micro-batch needs no collective.
+    With `lengths` (padded length per position), each rank's share is ordered longest first
+    before it is cut into micro-batches, so pairs of similar length pad together. That only
+    reorders a rank's own pairs within the step: which pairs a step sees and which rank holds
+    them are unchanged (the offline cache partition and exact resume hold). Every rank computes
+    every rank's share (arithmetic on one seeded permutation), so anything sized by the busiest
+    rank of a micro-batch needs no collective.
     """
     every = [step_indices(n, seed, step, global_batch, r, world) for r in range(world)]
+    if lengths is not None:
+        every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
     return [[ix[i : i + micro] for ix in every] for i in range(0, global_batch // world, micro)]
+
+
+def padding_fraction(pairs: list[Pair], plans: list[list[list[list[int]]]]) -> float:
+    """Share of the token positions in the given micro-batch plans that are padding (chosen and rejected rows)."""
+    real = padded = 0
+    for plan in plans:
+        for per_rank in plan:
+            for positions in per_rank:
+                chunk = [pairs[i] for i in positions]
+                width = max(padded_length(p) for p in chunk)
+                real += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
+                padded += 2 * width * len(chunk)
+    return 1 - real / max(padded, 1)
 
 
 def response_tokens(pairs: list[Pair]) -> int:

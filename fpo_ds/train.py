@@ -96,11 +96,12 @@ def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, p
     return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s)
 
 
-def train_step(c: Components, step: int) -> StepResult:
-    """One optimizer step (this rank's share of the global batch)."""
+def train_step(c: Components, step: int, lengths: list[int]) -> StepResult:
+    """One optimizer step (this rank's share of the global batch, in micro-batches grouped by `lengths`)."""
     t0, lr = time.time(), c.engine.get_lr()[0]
     t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
-    plan = data.micro_batches(len(c.pairs), c.recipe.data.seed, step, t.global_batch_size, t.micro_batch_size, world)
+    seed, g, mb = c.recipe.data.seed, t.global_batch_size, t.micro_batch_size
+    plan = data.micro_batches(len(c.pairs), seed, step, g, mb, world, lengths)
     poison = faults.poison(step + 1)
     results, skipped = [], []
     for positions in plan:
@@ -225,8 +226,9 @@ def run(recipe: C.Recipe) -> Result:
         (Path(recipe.output.dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     writer = metrics.Writer(recipe.output.dir, recipe.logging, c.total_steps, C.to_dict(recipe))
     history, preempted, bad_run, bad_total = [], False, 0, 0
+    lengths = [data.padded_length(p) for p in c.pairs]
     for step in range(start, c.total_steps):
-        m, skipped, reason = train_step(c, step)
+        m, skipped, reason = train_step(c, step, lengths)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
         m["nonfinite_skipped_steps"] = bad_total

@@ -143,3 +143,29 @@ def test_order_is_seeded_and_world_size_invariant():
         two = D.step_indices(n, 3, step, g, 0, 2) + D.step_indices(n, 3, step, g, 1, 2)
         assert one == two and len(set(one)) == g
     assert set(sum((D.step_indices(n, 3, s, g, 0, 1) for s in range(5)), [])) == set(range(n))
+
+
+def test_length_grouping_reorders_only_within_a_rank_share():
+    n, g, world, micro = 48, 16, 2, 2
+    lengths = [(i * 37) % 23 for i in range(n)]
+    for step in range(4):
+        plain = D.micro_batches(n, 5, step, g, micro, world)
+        grouped = D.micro_batches(n, 5, step, g, micro, world, lengths)
+        for r in range(world):  # same pairs on the same rank, longest first
+            mine = [i for mb in grouped for i in mb[r]]
+            assert sorted(mine) == sorted(i for mb in plain for i in mb[r])
+            assert [lengths[i] for i in mine] == sorted((lengths[i] for i in mine), reverse=True)
+
+
+def test_padding_fraction_falls_with_length_grouping():
+    g = __import__("random").Random(0)
+    pairs = [D.Pair(i, [1] * g.randint(5, 200), [2] * g.randint(1, 400), [3] * g.randint(1, 400)) for i in range(256)]
+    lengths = [D.padded_length(p) for p in pairs]
+    plans = [D.micro_batches(256, 0, s, 64, 4, 2) for s in range(4)]
+    grouped = [D.micro_batches(256, 0, s, 64, 4, 2, lengths) for s in range(4)]
+    before, after = D.padding_fraction(pairs, plans), D.padding_fraction(pairs, grouped)
+    assert 0 < after < before
+    one = [[[[0]]]]  # a single pair: only the shorter response is padded
+    p0 = pairs[0]
+    want = 1 - (2 * len(p0.prompt_ids) + len(p0.chosen_ids) + len(p0.rejected_ids)) / (2 * D.padded_length(p0))
+    assert D.padding_fraction(pairs, one) == pytest.approx(want)
