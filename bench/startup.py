@@ -87,10 +87,11 @@ def padding(out: Path) -> dict:
     _, pairs, _ = components.load_data(recipe)
     lengths = [data.padded_length(p) for p in pairs]
     res = {}
-    for name, micro in (("gemma-2-2b (micro 2)", 2), ("gemma-2-9b (micro 1)", 1), ("micro 4", 4)):
+    for name, micro, world in (("gemma-2-2b: micro 2, 8 ranks", 2, 8), ("gemma-2-9b: micro 1, 8 ranks", 1, 8),
+                               ("micro 4, 2 ranks", 4, 2)):
         steps = range(min(200, len(pairs) // 32))
-        plain = [data.micro_batches(len(pairs), 0, s, 32, micro, 8) for s in steps]
-        grouped = [data.micro_batches(len(pairs), 0, s, 32, micro, 8, lengths) for s in steps]
+        plain = [data.micro_batches(len(pairs), 0, s, 32, micro, world) for s in steps]
+        grouped = [data.micro_batches(len(pairs), 0, s, 32, micro, world, lengths) for s in steps]
         res[name] = (data.padding_fraction(pairs, plain), data.padding_fraction(pairs, grouped))
     return res
 
@@ -115,7 +116,7 @@ def main() -> None:
     lines = [f"{args.pairs} pairs, {args.nproc} ranks", "| mode | data set-up (s, slowest rank) | launch (s) |"]
     lines += ["|---|---|---|"]
     lines += [f"| {m} | {r['seconds']:.1f} | {r['launch_s']:.1f} |" for m, r in res.items()]
-    lines += ["", "| recipe (8 ranks, global 32) | padding, source order | padding, grouped by length |"]
+    lines += ["", "| global batch 32 | padding, source order | padding, grouped by length |"]
     lines += ["|---|---|---|"]
     lines += [f"| {k} | {a:.3f} | {b:.3f} |" for k, (a, b) in pad.items()]
     print("\n".join(lines))
