@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fpo_ds import config as C
 from fpo_ds import data, losses
 from fpo_ds import model as M
 
@@ -120,10 +121,9 @@ def evaluate(
     out = Path(out_dir)
     (out / "generations").mkdir(parents=True, exist_ok=True)
     tok = M.load_tokenizer(reference)
-    rows = data.load_rows(eval_path, "train")
-    if max_pairs:
-        rows = rows.select(range(min(max_pairs, len(rows))))
-    pairs, _ = data.build_pairs(rows, tok, 1024, 512, "drop", eval_path)
+    data_cfg = C.DataConfig(path=eval_path, max_length=1024, max_prompt_length=512, max_samples=max_pairs)
+    rows = data.select_rows(data_cfg)
+    pairs, _ = data.load_pairs(data_cfg, tok)  # tokenized once, like training's data
     prompts = [r["prompt"] for r in rows]
     sae = layer = None
     if sae_path:
