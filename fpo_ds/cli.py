@@ -20,6 +20,8 @@ def _validate(args) -> int:
     if problems:
         print(C.ConfigError(problems, args.recipe), file=sys.stderr)
         return 1
+    for line in C.warnings(recipe):
+        print(f"{args.recipe}: warning: {line}", file=sys.stderr)
     print(f"{args.recipe}: ok ({recipe.loss.method}, {recipe.model.name_or_path})")
     return 0
 

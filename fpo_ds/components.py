@@ -162,6 +162,10 @@ def build(recipe: C.Recipe, role: Role) -> Components:
     device = get_accelerator().current_device_name()
     tok, pairs, fingerprint = load_data(recipe)
     steps = ds_config.total_steps(len(pairs), t)
+    for warning in C.warnings(recipe):
+        dist.log(f"warning: {warning}")
+    if t.warmup_steps > steps and t.max_steps is None:
+        dist.log(f"warning: train.warmup_steps={t.warmup_steps} exceeds the run's {steps} steps (lr < train.lr)")
     wants_features = recipe.loss.method == "fpo" if role == "train" else cache.has_features(recipe)
     encoder = layer = None
     if wants_features:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -276,10 +277,30 @@ def _check(r: Recipe, problems: list[str]) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
-    if t.lr <= 0:
-        problems.append(f"train.lr: must be > 0, got {t.lr}")
-    if lo.beta is not None and lo.beta <= 0:
-        problems.append(f"loss.beta: must be > 0, got {lo.beta}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        problems.append(f"train.lr: must be a finite number > 0, got {t.lr}")
+    if not all(math.isfinite(b) and 0 <= b < 1 for b in t.adam_betas):
+        problems.append(f"train.adam_betas: each must be in [0, 1), got {list(t.adam_betas)}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        problems.append(f"train.weight_decay: must be a finite number >= 0, got {t.weight_decay}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        problems.append(f"train.max_steps: must be >= 1, got {t.max_steps} (use null for whole epochs)")
+    if t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.max_nonfinite_steps < 1:
+        problems.append(f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
+    if r.logging.every < 1:
+        problems.append(f"logging.every: must be >= 1 (print every N steps), got {r.logging.every}")
+    if r.deepspeed.timeout_minutes < 1:
+        problems.append(f"deepspeed.timeout_minutes: must be >= 1, got {r.deepspeed.timeout_minutes}")
+    if r.output.save_every < 0:
+        problems.append(f"output.save_every: must be >= 0 (0: only at the end), got {r.output.save_every}")
+    if r.output.keep_last < 1:
+        problems.append(f"output.keep_last: must be >= 1, got {r.output.keep_last}")
+    if lo.beta is not None and not (math.isfinite(lo.beta) and lo.beta > 0):
+        problems.append(f"loss.beta: must be a finite number > 0, got {lo.beta}")
+    if not (math.isfinite(lo.alpha) and lo.alpha >= 0):
+        problems.append(f"loss.alpha: must be a finite number >= 0, got {lo.alpha}")
     if lo.method == "fpo":
         if not (s.path or (s.release and s.sae_id)):
             problems.append("sae: method fpo needs an SAE: set sae.path, or sae.release and sae.sae_id")
@@ -301,6 +322,17 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append(f"cache.k_cache: {r.cache.k_cache} must be >= sae.k ({s.k})")
     if r.output.resume not in ("auto", "never") and not r.output.resume:
         problems.append("output.resume: use auto, never or a checkpoint path")
+
+
+def warnings(r: Recipe) -> list[str]:
+    """Settings that are legal but probably not meant; training and `fpo-ds validate` print them."""
+    out = []
+    if r.train.max_steps is not None and r.train.warmup_steps > r.train.max_steps:
+        out.append(
+            f"train.warmup_steps={r.train.warmup_steps} exceeds train.max_steps={r.train.max_steps}: the lr never "
+            f"reaches train.lr (peak {r.train.lr * r.train.max_steps / r.train.warmup_steps:.3g})"
+        )
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> dict:

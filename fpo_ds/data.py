@@ -195,6 +195,8 @@ def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tup
     p, c, r = truncate(p, c, r, max_length, max_prompt_length)
     if not c or not r:
         raise BadRow("empty_after_truncation")
+    if c == r:  # no preference left to learn: it would only dilute the loss and accuracy
+        raise BadRow("identical_after_truncation", "chosen and rejected token ids are equal")
     return p, c, r
 
 

@@ -100,3 +100,27 @@ def test_sae_registry_check_offline():
     assert registry_problems("gemma-scope-2b-pt-res", "layer_25/width_16k/average_l0_55") == []
     assert "did you mean gemma-scope-2b-pt-res" in registry_problems("gemma-scope-2b-pt-re", "x")[0]
     assert "sae.sae_id" in registry_problems("gemma-scope-2b-pt-res", "layer_99/width_16k/average_l0_55")[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_steps=0", "train.max_steps: must be >= 1, got 0 (use null for whole epochs)"),
+        ("train.max_steps=-5", "train.max_steps: must be >= 1, got -5"),
+        ("logging.every=0", "logging.every: must be >= 1"),
+        ("deepspeed.timeout_minutes=0", "deepspeed.timeout_minutes: must be >= 1"),
+        ("train.lr=.nan", "train.lr: must be a finite number > 0, got nan"),
+        ("train.lr=.inf", "train.lr: must be a finite number > 0, got inf"),
+        ("train.adam_betas=[0.9,1.5]", "train.adam_betas: each must be in [0, 1), got [0.9, 1.5]"),
+        ("loss.beta=0", "loss.beta: must be a finite number > 0, got 0.0"),
+        ("sae.k=0", "sae.k: must be >= 1, got 0"),
+        ("output.keep_last=0", "output.keep_last: must be >= 1"),
+        ("sae.shard_group=nodes", "sae.shard_group: 'nodes' is not node, world, none or a rank count"),
+    ],
+)
+def test_values_training_would_refuse_are_refused_at_load(tmp_path, override, message):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(C.ConfigError) as e:
+        C.load(p, [override])
+    assert message in str(e.value), str(e.value)

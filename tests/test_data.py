@@ -169,3 +169,15 @@ def test_padding_fraction_falls_with_length_grouping():
     p0 = pairs[0]
     want = 1 - (2 * len(p0.prompt_ids) + len(p0.chosen_ids) + len(p0.rejected_ids)) / (2 * D.padded_length(p0))
     assert D.padding_fraction(pairs, one) == pytest.approx(want)
+
+
+def test_pairs_identical_after_truncation_are_dropped(tokenizer):
+    # the responses differ only after the first 8 tokens, which truncation cuts off
+    row = {"prompt": "Repeat: 1 2", "chosen": "1 2 3 4 5 6 7 8 9 1", "rejected": "1 2 3 4 5 6 7 8 9 2"}
+    kept, _ = D.build_pairs([row], tokenizer, 256, 128, "drop", "t")
+    assert len(kept) == 1
+    p = kept[0]
+    cut = len(p.prompt_ids) + 3  # room for 3 response tokens: identical prefixes
+    assert p.chosen_ids[:3] == p.rejected_ids[:3]
+    with pytest.raises(ValueError, match="no usable preference pairs.*identical_after_truncation"):
+        D.build_pairs([row], tokenizer, cut, len(p.prompt_ids), "drop", "t")
