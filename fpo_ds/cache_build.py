@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import save_file
 
-from fpo_ds import cache, components, data, dist
+from fpo_ds import cache, components, data, dist, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 
@@ -63,8 +63,25 @@ def _approximation(cols: dict, device: str) -> dict:
 def build(recipe: C.Recipe) -> Path:
     """Collective: every rank runs the reference over its own shard and writes its part."""
     final = Path(recipe.cache.dir)
+    dist.init(recipe.deepspeed.timeout_minutes)
+    lock = dist.on_rank0(lambda: _claim(final))
+    try:
+        return _build(recipe, final)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(final: Path):
+    """Rank 0: one builder per cache directory, and never over a finished cache."""
+    lock = rundir.claim(final, "cache.dir")
     if final.exists():
+        lock.release()
         raise FileExistsError(f"cache.dir: {final} already exists; delete it (or pick another cache.dir) to rebuild")
+    return lock
+
+
+def _build(recipe: C.Recipe, final: Path) -> Path:
     c = components.build(recipe, "cache")
     rank, world = dist.rank(), dist.world_size()
     tmp = final.with_name(final.name + ".partial")

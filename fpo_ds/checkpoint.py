@@ -117,6 +117,54 @@ def verify(tag_dir: Path) -> dict:
     return info
 
 
+# Keys a resume may change: they alter how the run proceeds, not what it means. Everything else
+# (model, data, SAE, loss, global batch, seeds, optimizer and DeepSpeed settings) is refused unless
+# output.resume_allow_changes names it.
+SAFE_TO_CHANGE = {
+    "train.lr", "train.warmup_steps", "train.schedule", "train.max_steps", "train.epochs",
+    "train.micro_batch_size", "train.max_nonfinite_steps", "deepspeed.timeout_minutes", "sae.shard_group",
+    "cache.dir", "model.gradient_checkpointing", "model.attn_implementation", "model.zero_init",
+}  # fmt: skip
+SAFE_SECTIONS = ("logging.", "output.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """(refused, applied) changes between a checkpoint's recipe and this one: {dotted key: (old, new)}."""
+    a, b = _flat(old), _flat(new)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k in a and k in b and a[k] != b[k]}
+    safe = {k: v for k, v in changed.items() if k in SAFE_TO_CHANGE or k.startswith(SAFE_SECTIONS)}
+    return {k: v for k, v in changed.items() if k not in safe}, safe
+
+
+def check_resume(tag_dir: Path, recipe) -> dict:
+    """Refuse a resume whose recipe changes the run's meaning; return the changes that will be applied."""
+    import yaml
+
+    saved = tag_dir / "recipe.yaml"
+    if not saved.is_file():
+        return {}
+    refused, applied = recipe_changes(yaml.safe_load(saved.read_text()) or {}, C.to_dict(recipe))
+    refused = {k: v for k, v in refused.items() if k not in recipe.output.resume_allow_changes}
+    if refused:
+        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(
+            f"output.dir: resuming {tag_dir} with a recipe that changes what the run means ({lines}). Mixing them "
+            "in one run would be silent. Restore those values, start a new run (another output.dir), or accept "
+            f"the change with output.resume_allow_changes=[{','.join(refused)}]"
+        )
+    return applied
+
+
 def find_resume(output_cfg) -> Path | None:
     """The tag directory to resume from, per output.resume (auto | never | path)."""
     if output_cfg.resume == "never":
@@ -128,9 +176,13 @@ def find_resume(output_cfg) -> Path | None:
         return p
     ckpt_root = root(output_cfg.dir)
     latest = ckpt_root / "latest"
-    if latest.is_file():
-        return ckpt_root / latest.read_text().strip()
     tags = complete_tags(ckpt_root)
+    if latest.is_file():
+        named = ckpt_root / latest.read_text().strip()
+        if (named / MARKER).is_file():
+            return named
+        if tags:
+            dist.log(f"{latest} names {named.name}, which is missing or incomplete; resuming from {tags[-1]} instead")
     return ckpt_root / tags[-1] if tags else None
 
 

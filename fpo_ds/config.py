@@ -160,6 +160,10 @@ class OutputConfig:
     keep_last: int = 2
     resume: str = "auto"
     """auto: newest complete checkpoint in dir if any; never; or a checkpoint path."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Dotted keys a resume may change although they change the run's meaning (e.g. [loss.beta])."""
+    overwrite: bool = False
+    """With resume=never in a directory that holds a run: move that run aside (renamed, not deleted)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,11 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{path}: {value!r} is not one of {list(args)}{hint}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], f"{path}[{i}]", problems) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             problems.append(f"{path}: expected a list of {len(args)} numbers, got {value!r}")
@@ -391,7 +400,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def to_dict(recipe: Recipe) -> dict:
     def conv(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
+        return list(v) if isinstance(v, (tuple, list)) else v
 
     return {k: {kk: conv(vv) for kk, vv in v.items()} for k, v in dataclasses.asdict(recipe).items()}
 

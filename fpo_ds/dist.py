@@ -20,6 +20,8 @@ import sys
 import traceback
 from typing import NamedTuple
 
+_PARENT = os.getppid()  # the launcher that started this process (read at import, before any wait)
+
 
 class Topology(NamedTuple):
     rank: int
@@ -170,7 +172,37 @@ def log_all(*msg: object) -> None:
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
+class PeerFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 hit a user error: rank 0 alone prints the paragraph."""
+
+
+def on_rank0(fn):
+    """Collective: run `fn()` on rank 0 only and return its result there (None elsewhere).
+
+    A user error in `fn` is raised on rank 0, and every other rank raises PeerFailed, which exits
+    quietly with the same code: one paragraph per mistake, not one per rank.
+    """
+    import torch.distributed as tdist
+
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except USER_ERRORS as e:
+            error = e
+    if tdist.is_initialized() and world_size() > 1:
+        flag = [error is not None]
+        tdist.broadcast_object_list(flag, src=0)
+        if flag[0] and rank() != 0:
+            raise PeerFailed("rank 0 reported the error")
+    if error is not None:
+        raise error
+    return result
+
+
 def _report_failure(exc_type, exc, tb) -> None:
+    if issubclass(exc_type, PeerFailed):
+        sys.exit(1)  # rank 0 printed the paragraph
     log_all(f"FAILED: {exc_type.__name__}: {exc}")
     if not issubclass(exc_type, USER_ERRORS) or os.environ.get("FPO_DS_TRACEBACK") == "1":
         traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
@@ -194,6 +226,7 @@ def init(timeout_minutes: int) -> Topology:
     )
     if tdist.is_initialized():
         return topo
+    _die_with_launcher(topo)
     deepspeed.init_distributed(
         dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False
     )
@@ -205,6 +238,22 @@ def init(timeout_minutes: int) -> Topology:
         f"master {topo.master_addr}:{topo.master_port}, backend {tdist.get_backend()}"
     )
     return topo
+
+
+def _die_with_launcher(topo: Topology) -> None:
+    """Under a launcher, this rank is killed when the launcher dies (kill -9 included): no orphan outlives its job.
+
+    Linux's parent-death signal; a rank started by hand (no launcher) is left alone, so nohup still works.
+    """
+    if topo.source == "single process" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != _PARENT:  # the launcher died before the signal was armed
+        os._exit(1)
 
 
 def _unlink_shm_name(topo: Topology) -> None:

@@ -94,16 +94,6 @@ def peak_mem_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def truncate(path: Path, last_step: int) -> None:
-    """Drop records after `last_step` (a run resumed from an earlier checkpoint logs those steps again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
 class Writer:
     """Rank-0 sink for step metrics (jsonl always; TensorBoard / W&B when asked)."""
 

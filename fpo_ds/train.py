@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fpo_ds import checkpoint, data, dist, faults, metrics
+from fpo_ds import checkpoint, data, dist, faults, metrics, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 from fpo_ds.components import Components, build
@@ -201,23 +201,57 @@ class Result(NamedTuple):
 def run(recipe: C.Recipe) -> Result:
     """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
     stop = Preemption()
-    c = build(recipe, "train")
-    if dist.rank() == 0:
-        Path(recipe.output.dir).mkdir(parents=True, exist_ok=True)
-        C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
-    start = 0
+    dist.init(recipe.deepspeed.timeout_minutes)
+    lock = dist.on_rank0(lambda: _claim(recipe))
+    try:
+        return _run(recipe, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(recipe: C.Recipe):
+    """Rank 0, before anything is loaded: the run lock, a ready output.dir, and a resume that keeps its meaning."""
+    lock = rundir.claim(recipe.output.dir, "output.dir")
+    rundir.prepare(recipe.output)
     resume_dir = checkpoint.find_resume(recipe.output)
     if resume_dir is not None:
-        client = checkpoint.load(c.engine, resume_dir)
-        start = client["step"]
-        dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
+        checkpoint.verify(resume_dir)
+        checkpoint.check_resume(resume_dir, recipe)
+    return lock
+
+
+def _resume(c: Components, recipe: C.Recipe) -> tuple[int, Path | None, dict]:
+    """Collective: load the checkpoint per output.resume, apply the recipe's lr. Returns (step, dir, changes)."""
+    resume_dir = checkpoint.find_resume(recipe.output)
+    if resume_dir is None:
+        return 0, None, {}
+    client = checkpoint.load(c.engine, resume_dir)
+    changes = checkpoint.check_resume(resume_dir, recipe)
+    # The restored schedule carries the old run's base lr; the recipe's is the one to follow from here.
+    sched = c.engine.lr_scheduler
+    sched.base_lrs = [recipe.train.lr for _ in sched.base_lrs]
+    for group, base, f in zip(c.engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * f(sched.last_epoch)
+    start = client["step"]
+    dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
+    for key, (old, new) in changes.items():
+        dist.log(f"resume: {key} changed {old!r} -> {new!r}; applied from step {start + 1}")
+    return start, resume_dir, changes
+
+
+def _run(recipe: C.Recipe, stop: Preemption) -> Result:
+    c = build(recipe, "train")
+    start, resume_dir, changes = _resume(c, recipe)
     if dist.rank() == 0:
-        metrics.truncate(Path(recipe.output.dir) / "metrics.jsonl", start)  # a resume replays steps > start
+        C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
+        rundir.repair_metrics(Path(recipe.output.dir) / "metrics.jsonl", start)  # a resume replays steps > start
         info = {
             "recipe": C.to_dict(recipe),
             "world_size": dist.world_size(),
             "resumed_from": str(resume_dir or ""),
             "start_step": start,
+            "resume_changes": {k: list(v) for k, v in changes.items()},
             "total_steps": c.total_steps,
             **versions(),
         }

@@ -11,6 +11,7 @@ like kill -9, inside the save of step 4).
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -181,3 +182,87 @@ def test_disk_full_during_save_keeps_last_good(world, tmp_path):
         assert not any((p / "COMPLETE.json").exists() for p in (out / "checkpoints").glob("step_*") if p.name > latest)
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def _alive(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions `marker`."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and marker.encode() in (p / "cmdline").read_bytes():
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_second_job_is_refused_and_ranks_die_with_their_launcher(world, tmp_path):
+    out = tmp_path / "busy"
+    first = subprocess.Popen(
+        pipeline.torchrun_cmd(2, 29711) + _args(world, out, "train.max_steps=400", "train.epochs=50"),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = out / "metrics.jsonl"
+    end = time.time() + 180
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.time() < end:
+        time.sleep(0.2)
+    t0 = time.time()
+    text = _train(world, out, "train.lr=0.5", "data.seed=3", port=29712, ok=False)
+    assert "is in use by another run (host" in text and "nothing was changed" in text, text[-3000:]
+    assert re.search(r"pid \d+", text)
+    assert time.time() - t0 < 90 and (out / "recipe.yaml").read_text().count("lr: 0.001") == 1
+    assert first.poll() is None  # the first job runs on
+    os.kill(first.pid, signal.SIGKILL)  # the launcher dies: its ranks must not outlive it
+    first.wait()
+    time.sleep(10)
+    assert _alive(str(out)) == [], "ranks outlived their launcher"
+    text = _train(world, out, "train.max_steps=2", port=29713)  # the lock of the dead job is taken over
+    assert "took over the lock" in text
+
+
+def test_resume_refuses_a_changed_meaning_and_applies_a_new_lr(world, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "metrics.jsonl").read_text()
+    text = _train(world, out, "train.max_steps=8", "loss.method=ipo", "data.seed=4", port=29714, ok=False)
+    assert "changes what the run means (data.seed: 0 -> 4; loss.method: 'dpo' -> 'ipo')" in text, text[-3000:]
+    assert "output.resume_allow_changes=[data.seed,loss.method]" in text
+    assert (out / "metrics.jsonl").read_text() == before  # nothing was touched
+    assert text.count("] FAILED:") == 1, text[-3000:]  # one rank's paragraph, the other rank exits quietly
+    assert "fpo_ds/" not in text.split("] FAILED:")[-1]  # no traceback through our code (torchrun prints its own)
+    text = _train(world, out, "train.max_steps=8", "train.lr=0.01", port=29715)
+    assert "resume: train.lr changed 0.001 -> 0.01; applied from step 7" in text
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert lrs[6] == pytest.approx(1e-3) and lrs[7] == pytest.approx(1e-2) and lrs[8] == pytest.approx(1e-2)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["resume_changes"]["train.lr"] == [0.001, 0.01]
+
+
+def test_a_new_run_never_destroys_an_old_one(world, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    text = _train(world, out, "output.resume=never", port=29716, ok=False)
+    assert "holds a run" in text and "output.overwrite=true" in text
+    text = _train(world, out, "output.resume=never", "output.overwrite=true", "train.max_steps=2", port=29717)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000006" / "COMPLETE.json").is_file()
+    assert sorted(_losses(out)) == [1, 2] and (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    # `latest` names a deleted checkpoint, and a crash tore the last metrics line: resume falls back, repairs
+    again = tmp_path / "again"
+    shutil.copytree(uninterrupted, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000006")
+    with open(again / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    text = _train(world, again, port=29718)
+    assert "names step_00000006, which is missing or incomplete; resuming from step_00000004" in text, text[-3000:]
+    assert "dropped 1 torn line(s)" in text
+    got, want = _losses(again), _losses(uninterrupted)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], abs=1e-5)

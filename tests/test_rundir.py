@@ -1,0 +1,62 @@
+"""Run-directory integrity in one process: the lock, resume's recipe diff, never destroying a run."""
+
+import dataclasses
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fpo_ds import checkpoint, rundir
+from fpo_ds import config as C
+
+BASE = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, "loss": {"method": "dpo"}}
+
+
+def test_recipe_changes_split_into_refused_and_applied():
+    old = C.to_dict(C.from_dict(BASE))
+    new = C.to_dict(C.from_dict({**BASE, "loss": {"method": "ipo"}, "train": {"lr": 1e-3, "global_batch_size": 64}}))
+    refused, applied = checkpoint.recipe_changes(old, new)
+    assert set(refused) == {"loss.method", "train.global_batch_size"} and set(applied) == {"train.lr"}
+    assert refused["loss.method"] == ("dpo", "ipo")
+    logging_only = C.to_dict(C.from_dict({**BASE, "logging": {"every": 5}, "sae": {"shard_group": "world"}}))
+    assert checkpoint.recipe_changes(old, logging_only)[0] == {}
+
+
+def test_second_holder_is_refused_naming_the_first(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fpo_ds import rundir; rundir.claim({str(run)!r}, 'output.dir'); "
+         "import time; print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        with pytest.raises(OSError, match=rf"output.dir: {run} is in use by another run \(host .*pid {holder.pid}"):
+            rundir.claim(run, "output.dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    rundir.claim(run, "output.dir").release()  # the dead holder's lock is taken over
+
+
+def test_prepare_refuses_to_start_over_a_run_and_moves_it_aside_when_asked(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    cfg = C.from_dict({**BASE, "output": {"dir": str(out), "resume": "never"}}).output
+    with pytest.raises(ValueError, match="holds a run .* output.overwrite=true"):
+        rundir.prepare(cfg)
+    rundir.prepare(dataclasses.replace(cfg, overwrite=True))
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(moved) == 1 and (moved[0] / "checkpoints").is_dir() and out.is_dir() and not rundir.holds_run(out)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="output.dir: .*file is a file"):
+        rundir.prepare(dataclasses.replace(cfg, dir=str(tmp_path / "file")))
+
+
+def test_torn_metrics_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    rundir.repair_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
