@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -106,7 +107,8 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     write_set(out, args.pairs)
-    env = pipeline.child_env(HF_DATASETS_CACHE=str(out / "datasets-cache"))
+    os.environ["HF_DATASETS_CACHE"] = str(out / "datasets-cache")  # this process reads the same set (padding)
+    env = pipeline.child_env()
     res = {}
     for mode in ("before", "cold", "warm"):
         t0 = time.perf_counter()

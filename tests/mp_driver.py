@@ -53,6 +53,28 @@ def comms_summary() -> dict:
     return out
 
 
+def _totals() -> dict:
+    import deepspeed.comm as dcomm
+
+    logged = dcomm.comms_logger.comms_dict.items()
+    return {name: sum(size * rec[0] for size, rec in sizes.items()) for name, sizes in logged}
+
+
+def record_steps(snapshots: list):
+    """Snapshot the comms logger's totals after every optimizer step (wraps train.train_step); returns an undo."""
+    from fpo_ds import train
+
+    original = train.train_step
+
+    def step(*args, **kwargs):
+        out = original(*args, **kwargs)
+        snapshots.append(_totals())
+        return out
+
+    train.train_step = step
+    return lambda: setattr(train, "train_step", original)
+
+
 def main(spec_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     results = {}
@@ -64,7 +86,10 @@ def main(spec_path: str, out_dir: str) -> None:
         if item.get("check") == "sae":
             results[item["name"]] = sae_check(item.get("groups", ["none", "world"]))
             continue
+        snapshots: list = []
+        undo = record_steps(snapshots) if item.get("comms") else (lambda: None)
         result = pipeline.run_stage(item)
+        undo()
         if item["stage"] == "build-cache":
             results[item["name"]] = {"ok": True, "comms": comms_summary()}
             continue
@@ -72,8 +97,9 @@ def main(spec_path: str, out_dir: str) -> None:
         results[item["name"]] = {"history": history, "reference": type(c.reference).__name__}
         if item.get("comms"):
             gathered = [None] * dist.world_size()
-            torch.distributed.all_gather_object(gathered, comms_summary())
-            results[item["name"]]["comms"] = gathered
+            torch.distributed.all_gather_object(gathered, (comms_summary(), snapshots))
+            results[item["name"]]["comms"] = [g[0] for g in gathered]
+            results[item["name"]]["comms_steps"] = [g[1] for g in gathered]
         if item.get("dump"):
             state = gathered_state(c.engine)
             logits = fixed_logits(c)

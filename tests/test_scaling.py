@@ -132,14 +132,38 @@ def test_sharded_encoder_matches_sae_lens_for_every_group_size(run):
     assert sizes == {1, 2, 4}
 
 
-def _n_max_per_step(run) -> list[list[int]]:
-    """Per step and micro-batch: the response tokens of the busiest rank in rank 0's node group."""
+def _n_max_per_step(recipe, group: int) -> list[list[int]]:
+    """Per step and micro-batch: the response tokens of the busiest rank in rank 0's shard group."""
     from fpo_ds import components
+
+    _, pairs, _ = components.load_data(recipe)
+    lengths = [data.padded_length(p) for p in pairs]
+    t, world = recipe.train, HOSTS * PER_HOST
+    plans = [
+        data.micro_batches(len(pairs), 0, s, t.global_batch_size, t.micro_batch_size, world, lengths) for s in range(3)
+    ]
+    return [[max(data.response_tokens([pairs[j] for j in mb[r]]) for r in range(group)) for mb in p] for p in plans]
+
+
+def test_planner_bytes_match_the_measured_ones(run):
+    """fpo-ds plan's byte model vs this run: ZeRO-3 (comms logger, steady state) and the SAE group (wire)."""
     from fpo_ds import config as C
+    from fpo_ds.tools import comms, shapes
 
     recipe = C.load(run["tmp"] / "fpo-node.yaml")
-    _, pairs, _ = components.load_data(recipe)
-    t = recipe.train
-    world = HOSTS * PER_HOST
-    plans = [data.micro_batches(len(pairs), 0, s, t.global_batch_size, t.micro_batch_size, world) for s in range(3)]
-    return [[max(data.response_tokens([pairs[j] for j in mb[r]]) for r in range(PER_HOST)) for mb in p] for p in plans]
+    shape = shapes.model_shape(recipe.model.name_or_path)
+    t, topo = recipe.train, comms.Topology(nodes=HOSTS, gpus=PER_HOST)
+    wl = comms.Workload(t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * topo.world), 48, 24)
+    model = comms.collective_bytes(recipe, shape, topo, d_sae=96, wl=wl)
+    for g in GROUPS:  # ZeRO-3's traffic does not depend on the SAE group
+        snaps = run["res"][g]["comms_steps"][0]  # rank 0: the logger's totals after steps 1, 2, 3
+        per_step = {op: (snaps[-1].get(op, 0) - snaps[0].get(op, 0)) / (len(snaps) - 1) for op in snaps[-1]}
+        assert per_step["all_gather_into_tensor"] == pytest.approx(model["logged_allgather_bytes"], rel=0.1), g
+        assert per_step["reduce_scatter_tensor"] == pytest.approx(model["logged_reduce_scatter_bytes"], rel=0.1), g
+    rows = 2 * t.micro_batch_size
+    for g, size in (("node", PER_HOST), ("world", HOSTS * PER_HOST)):
+        n_max = _n_max_per_step(recipe, size)
+        # forward + backward per micro-batch, at the run's own token counts (fp32 model: 4-byte tokens)
+        modelled = [sum(2 * comms.sae_bytes_per_call(size, n, shape.hidden, rows, 96, 4) for n in s) for s in n_max]
+        measured = [h["fpo/sae_comm_bytes_per_step"] for h in _hist(run, g)]  # equal to the wire (test above)
+        assert measured == pytest.approx(modelled, rel=0.1), (g, measured, modelled)
