@@ -64,12 +64,8 @@ def build(recipe: C.Recipe) -> Path:
     """Collective: every rank runs the reference over its own shard and writes its part."""
     final = Path(recipe.cache.dir)
     dist.init(recipe.deepspeed.timeout_minutes)
-    lock = dist.on_rank0(lambda: _claim(final))
-    try:
+    with rundir.exclusive(lambda: _claim(final)):
         return _build(recipe, final)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _claim(final: Path):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -78,6 +79,20 @@ def claim(path: str | Path, key: str) -> Lock:
     f.flush()
     _HELD.append(f)
     return Lock(f)
+
+
+@contextlib.contextmanager
+def exclusive(claim_on_rank0):
+    """Collective: hold what `claim_on_rank0()` (run on rank 0, returning a Lock) claims until the block ends.
+
+    A user error in it is printed once, by rank 0; the other ranks exit quietly (dist.on_rank0).
+    """
+    lock = dist.on_rank0(claim_on_rank0)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def holds_run(out_dir: Path) -> bool:

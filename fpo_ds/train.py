@@ -202,12 +202,8 @@ def run(recipe: C.Recipe) -> Result:
     """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
     stop = Preemption()
     dist.init(recipe.deepspeed.timeout_minutes)
-    lock = dist.on_rank0(lambda: _claim(recipe))
-    try:
+    with rundir.exclusive(lambda: _claim(recipe)):
         return _run(recipe, stop)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _claim(recipe: C.Recipe):
