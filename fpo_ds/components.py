@@ -151,14 +151,20 @@ def _tokenize_once(rows, tok, data_cfg, path, source: str) -> None:
             raise ValueError(f"data.path: tokenizing {source} failed: {failed[0]}")
 
 
-def build(recipe: C.Recipe, role: Role) -> Components:
-    """Collective: every rank calls it with the same recipe."""
+def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Components:
+    """Collective: every rank calls it with the same recipe.
+
+    `load_universal`: the engine will load a checkpoint in DeepSpeed's universal form (a resume on
+    another world size).
+    """
     from deepspeed.accelerator import get_accelerator
 
     dist.init(recipe.deepspeed.timeout_minutes)
     t, world = recipe.train, dist.world_size()
     ds_cfg = ds_config.build(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world)
     ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
+    if load_universal:
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     device = get_accelerator().current_device_name()
     tok, pairs, fingerprint = load_data(recipe)
     steps = ds_config.total_steps(len(pairs), t)

@@ -212,8 +212,9 @@ def _claim(recipe: C.Recipe):
     rundir.prepare(recipe.output)
     resume_dir = checkpoint.find_resume(recipe.output)
     if resume_dir is not None:
-        checkpoint.verify(resume_dir)
         checkpoint.check_resume(resume_dir, recipe)
+        if checkpoint.saved_world(resume_dir) != dist.world_size():
+            checkpoint.to_universal(resume_dir)
     return lock
 
 
@@ -237,7 +238,9 @@ def _resume(c: Components, recipe: C.Recipe) -> tuple[int, Path | None, dict]:
 
 
 def _run(recipe: C.Recipe, stop: Preemption) -> Result:
-    c = build(recipe, "train")
+    resume_dir = checkpoint.find_resume(recipe.output)
+    other_world = resume_dir is not None and checkpoint.saved_world(resume_dir) != dist.world_size()
+    c = build(recipe, "train", load_universal=other_world)
     start, resume_dir, changes = _resume(c, recipe)
     if dist.rank() == 0:
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
