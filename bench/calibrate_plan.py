@@ -7,8 +7,8 @@ saw, and runs the planner's estimate for each method at that width. Prints estim
 CUDA peak and relative error.
 """
 
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,9 +19,31 @@ from fpo_ds import data
 from fpo_ds import model as M
 from fpo_ds.tools import plan, toy
 
+CONFIG_KEYS = ("hidden", "layers", "micro", "nproc", "steps", "d_sae")
+FIX = "pass the bench.json that `bash bench/gpu.sh` (or `fpo-ds bench --out DIR`) wrote, e.g. runs/bench-gpu/bench.json"
+
+
+def read_bench(path: str) -> dict:
+    """A bench run's results; a missing, unreadable or foreign file exits with one paragraph naming it and the fix."""
+    p = Path(path)
+    try:
+        res = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"calibrate_plan: {p} does not exist; {FIX}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"calibrate_plan: cannot read {p} ({e}); {FIX}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"calibrate_plan: {p} is not valid JSON (line {e.lineno}: {e.msg}); {FIX}") from None
+    cfg = res.get("config") if isinstance(res, dict) else None
+    missing = [k for k in CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+    if missing or not isinstance(res.get("methods"), dict):
+        what = f"config keys {missing}" if missing else "the methods table"
+        raise SystemExit(f"calibrate_plan: {p} is not a bench result (no {what}); {FIX}")
+    return res
+
 
 def main(path: str) -> None:
-    res = json.loads(Path(path).read_text())
+    res = read_bench(path)
     cfg = res["config"]
     with tempfile.TemporaryDirectory() as tmp:
         world = toy.write_world(Path(tmp) / "w", "llama", n_train=2048, n_eval=8)  # same tokenizer and data
@@ -84,4 +106,6 @@ def statistics_median(values: list[float]) -> float:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_json", help="bench.json of a GPU bench run (bash bench/gpu.sh)")
+    main(parser.parse_args().bench_json)

@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=3072)
     p.add_argument("--d-in", type=int, default=1024)
     p.add_argument("--d-sae", type=int, default=16384)
-    p.add_argument("--arch", default="jumprelu")
+    p.add_argument("--arch", default="jumprelu", choices=["standard", "jumprelu", "topk"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import save_file
 
-from fpo_ds import cache, components, data, dist, rundir
+from fpo_ds import cache, components, data, dist, metrics, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 
@@ -93,6 +93,7 @@ def _build(recipe: C.Recipe, final: Path) -> Path:
     cols: dict[str, list] = {k: [] for k in names}
     mb, k = recipe.train.micro_batch_size, cache.k_cache(recipe)
     t_start = time.perf_counter()
+    progress = metrics.Progress("build-cache (rank 0)", len(every[rank]), "pairs")
     with torch.no_grad():
         for i in range(0, len(every[rank]), mb):
             peers = [[c.pairs[j] for j in ix[i : i + mb]] for ix in every]
@@ -108,8 +109,7 @@ def _build(recipe: C.Recipe, final: Path) -> Path:
                 cols["feat_idx"].append(_pair_rows(idx).cpu())
                 cols["feat_val"].append(_pair_rows(val).cpu())
                 cols["feat_dropped_max"].append(_pair_rows(dropped).cpu())
-            if (i // mb) % 50 == 0:
-                dist.log(f"build-cache: {i + mb}/{len(every[rank])} pairs on rank 0")
+            progress.update(min(i + mb, len(every[rank])))
     seconds = time.perf_counter() - t_start  # the reference pass (forward, SAE, top-k), before writing
     approx = _approximation(cols, c.device) if c.features else None
     tensors = {key: torch.cat(v) for key, v in cols.items() if v}

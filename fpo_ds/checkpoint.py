@@ -186,14 +186,58 @@ def find_resume(output_cfg) -> Path | None:
     return ckpt_root / tags[-1] if tags else None
 
 
+def saved_world(tag_dir: Path) -> int:
+    """The world size that wrote a complete checkpoint."""
+    return int(verify(tag_dir).get("world_size", dist.world_size()))
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where a checkpoint's world-size-free (DeepSpeed universal) form lives: checkpoints/universal/<tag>."""
+    return tag_dir.parent / "universal" / tag_dir.name
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Rank 0: convert a checkpoint for another world size with DeepSpeed's ds_to_universal (once; reused).
+
+    ZeRO partitions the optimizer state by rank; the universal form stores it per parameter, so any
+    world size can load it (the `checkpoint.load_universal` DeepSpeed setting).
+    """
+    import subprocess
+    import sys
+
+    out = universal_dir(tag_dir)
+    if (out / MARKER).is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dist.log(f"resume: {tag_dir.name} was saved by {saved_world(tag_dir)} ranks; converting it for {dist.world_size()}")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise ValueError(
+            f"output.dir: {tag_dir} was saved by {saved_world(tag_dir)} ranks and could not be converted for "
+            f"{dist.world_size()} ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}). "
+            f"Resume with {saved_world(tag_dir)} ranks, or convert by hand: {' '.join(cmd)}"
+        )
+    _atomic_write(tmp / MARKER, json.dumps({"from": str(tag_dir), "world_size": saved_world(tag_dir)}))
+    os.replace(tmp, out)
+    return out
+
+
 def load(engine, tag_dir: Path) -> dict:
-    """Collective: restore engine (weights, optimizer, scheduler) and this rank's RNG; return client state."""
-    verify(tag_dir)
-    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+    """Collective: restore engine (weights, optimizer, scheduler) and this rank's RNG; return client state.
+
+    A checkpoint from another world size loads from its universal form (train converts it first and
+    builds the engine with `checkpoint.load_universal`); the ranks' RNG streams then start afresh.
+    """
+    same_world = saved_world(tag_dir) == dist.world_size()
+    src = tag_dir if same_world else universal_dir(tag_dir)
+    _, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=True)
     if client is None:
         raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rng = tag_dir / f"rng_rank{dist.rank()}.pt"
-    if rng.is_file():
+    if same_world and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     return client
 
@@ -204,6 +248,7 @@ def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tag_dir, out = Path(tag_dir), Path(out)
+    _check_step_dir(tag_dir)
     verify(tag_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export: {out} exists and is not empty; pick a new directory")
@@ -219,9 +264,65 @@ def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
         model = model.to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(tag_dir / "hf")
+    stop_at_end_of_turn(model.generation_config, tokenizer)
     model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tag_dir / "hf").save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
     return out
+
+
+def _check_step_dir(path: Path) -> None:
+    """Refuse a missing path, or a run directory or its checkpoints/ where a step directory belongs, naming one."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"export: {path} does not exist; pass a checkpoint step directory, e.g. runs/NAME/checkpoints/{tag_of(10)}"
+        )
+    ckpt_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (path / MARKER).is_file() or not ((ckpt_root / "latest").is_file() or any(ckpt_root.glob("step_*"))):
+        return
+    tags = complete_tags(ckpt_root)
+    what = "a run directory" if ckpt_root != path else "a run's checkpoints directory"
+    if not tags:
+        raise FileNotFoundError(
+            f"export: {path} is {what}, not a checkpoint, and it holds no complete checkpoint "
+            f"(no step_*/{MARKER}); let the run save one (output.save_every, or the end of training)"
+        )
+    raise FileNotFoundError(
+        f"export: {path} is {what}, not a checkpoint; pass a step directory such as "
+        f"{ckpt_root / tags[-1]} (complete checkpoints: {', '.join(tags)})"
+    )
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids of the special tokens the chat template puts right after an assistant message (Gemma's <end_of_turn>).
+
+    Found by rendering a one-turn conversation, so any template works (Llama 3's <|eot_id|>,
+    ChatML's <|im_end|>); [] without a chat template or when the turn ends in plain text.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    marker = "fpo-ds-answer"
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # any template error (jinja2 or the template raising): no stop token
+        return []
+    after = text[text.rfind(marker) + len(marker) :].lstrip()
+    special = sorted(tokenizer.get_added_vocab().items(), key=lambda kv: -len(kv[0]))
+    return [i for tok, i in special if after.startswith(tok)][:1]
+
+
+def stop_at_end_of_turn(generation_config, tokenizer) -> None:
+    """Make `generate()` stop at the chat template's end of turn as well as at <eos> (edits in place).
+
+    A model trained on chat turns ends its answer with the end-of-turn token; a generation config
+    that stops only at <eos> runs past it into a made-up next turn.
+    """
+    eos = generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids += [i for i in end_of_turn_ids(tokenizer) if i not in ids]
+    if ids:
+        generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids

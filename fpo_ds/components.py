@@ -71,7 +71,8 @@ def adamw(params, train_cfg, ds_cfg: dict) -> torch.optim.Optimizer:
     if ds_config.offloads_optimizer(ds_cfg):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, adamw_mode=True)
+        with dist.announce_build(dist.CPU_ADAM_OP, "DeepSpeed's CPU Adam", dist.CPU_ADAM_BUILD):
+            return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, adamw_mode=True)
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
 
 

@@ -94,11 +94,61 @@ def peak_mem_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def progress_fields(method: str) -> tuple[tuple[str, str, str], ...]:
+    """(metric, label, format) shown on the progress line: the loss, and what else means something for `method`.
+
+    SFT has no rejected response and no reward: its margin and accuracy are constant zeros, so it
+    shows the chosen response's summed log-probability (rising as it learns) instead.
+    """
+    if method == "sft":
+        return (("loss", "loss", ".4f"), ("logps/chosen", "logps/chosen", ".2f"))
+    return (("loss", "loss", ".4f"), ("rewards/margins", "margin", ".4f"), ("rewards/accuracies", "acc", ".2f"))
+
+
+class Progress:
+    """Progress of a long loop as `label: i/n unit (rate unit/s, eta Ns)`, printed by rank 0 on stderr.
+
+    Prints at the first update, then at most every `every_s` seconds, and at the last item (with
+    the total time instead of the ETA). The rate counts from construction.
+
+        progress = metrics.Progress("build-cache", n_pairs, "pairs")
+        for i in range(0, n_pairs, mb):
+            ...
+            progress.update(min(i + mb, n_pairs))
+    """
+
+    def __init__(self, label: str, total: int, unit: str = "", every_s: float = 10.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.t0 = time.perf_counter()
+        self.last: float | None = None
+
+    def line(self, done: int, now: float | None = None, note: str = "") -> str:
+        """The progress line for `done` of `total` items at time `now` (perf_counter seconds)."""
+        seconds = (time.perf_counter() if now is None else now) - self.t0
+        unit = f" {self.unit}" if self.unit else ""
+        text = f"{self.label}: {done}/{self.total}{unit}"
+        if done > 0 and seconds > 0:
+            rate = done / seconds
+            when = f"took {seconds:.0f}s" if done >= self.total else f"eta {(self.total - done) / rate:.0f}s"
+            text += f" ({rate:.3g}{unit}/s, {when})"
+        return f"{text} {note}".rstrip()
+
+    def update(self, done: int, note: str = "") -> None:
+        """Report `done` items finished (prints when due)."""
+        now = time.perf_counter()
+        if self.last is not None and done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        if dist.rank() == 0:
+            print(self.line(done, now, note), file=sys.stderr, flush=True)
+
+
 class Writer:
     """Rank-0 sink for step metrics (jsonl always; TensorBoard / W&B when asked)."""
 
     def __init__(self, out_dir: str, logging_cfg, total_steps: int, recipe_dict: dict):
         self.cfg, self.total, self.enabled = logging_cfg, total_steps, dist.rank() == 0
+        self.method = recipe_dict["loss"]["method"]
         self.t0, self.tb, self.wandb = time.time(), None, None
         if not self.enabled:
             return
@@ -132,11 +182,8 @@ class Writer:
     def _progress(self, step: int, m: dict[str, float], first_step: int) -> None:
         done = step - first_step
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-        line = (
-            f"step {step}/{self.total} loss {m['loss']:.4f} margin {m.get('rewards/margins', math.nan):.4f} "
-            f"acc {m.get('rewards/accuracies', math.nan):.2f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s "
-            f"eta {eta:.0f}s"
-        )
+        shown = " ".join(f"{label} {m.get(key, math.nan):{fmt}}" for key, label, fmt in progress_fields(self.method))
+        line = f"step {step}/{self.total} {shown} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s eta {eta:.0f}s"
         if self.cfg.progress_bar:
             width = 20
             filled = int(width * step / max(self.total, 1))

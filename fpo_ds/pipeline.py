@@ -87,8 +87,9 @@ def launch(stages: list[dict], plan_path: Path, nproc: int, quiet: bool = False)
     if not stages:
         return False
     plan_path.write_text(json.dumps(stages, indent=1))
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(plan_path.parent / ".torch_extensions"))
-    torchrun(["-m", "fpo_ds.pipeline", str(plan_path)], nproc, env=child_env(TORCH_EXTENSIONS_DIR=ext), quiet=quiet)
+    env = child_env()
+    dist.use_extensions_dir(env)  # the installation's op cache, unless TORCH_EXTENSIONS_DIR is set
+    torchrun(["-m", "fpo_ds.pipeline", str(plan_path)], nproc, env=env, quiet=quiet)
     return True
 
 

@@ -14,8 +14,10 @@ export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # One CPU thread pool per task, sized to the task's CPUs (not the whole node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-# JIT-built DeepSpeed ops go to a per-job directory: concurrent jobs never rebuild each other's.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/fpo-ds-ext-${SLURM_JOB_ID:-0}}
+# JIT-built DeepSpeed ops (CPU Adam for offload configs; the CPU comm op on CPU-only nodes) are
+# built once per installation, in <repo>/.torch_extensions (fpo_ds/dist.py), not once per job. They
+# are compiled with -march=native: on nodes of different CPU types, export TORCH_EXTENSIONS_DIR to
+# a node-local directory before sbatch.
 export PYTHONUNBUFFERED=1
 
 echo "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | tr '\n' ' ')"

@@ -9,6 +9,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_sessionfinish(session):
+    """Stop the Slurm daemons and delete the network namespaces this session brought up (tests/infra)."""
+    from infra_state import release_infra
+
+    note = release_infra()
+    if note:
+        print(f"\ntest infrastructure: {note}")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from fpo_ds.tools import toy

@@ -1,10 +1,8 @@
 """Shared by the subprocess-launching tests."""
 
-import os
-import subprocess
 from pathlib import Path
 
-import pytest
+from infra_state import need_infra  # noqa: F401 - the tests import it from here
 
 from fpo_ds.pipeline import child_env
 
@@ -17,13 +15,3 @@ def subprocess_env(**extra: str) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     env.update(extra)
     return env
-
-
-def need_infra(script: str) -> None:
-    """Bring up test infrastructure (tests/infra/SCRIPT); skip only outside CI when it cannot exist here."""
-    proc = subprocess.run(["bash", str(ROOT / "tests" / "infra" / script)], capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        msg = f"{script} failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)

@@ -118,6 +118,7 @@ def test_entry_point_prints_a_paragraph_not_a_traceback(tmp_path, world):
                 "data": {"path": _write(tmp_path, "d.jsonl", GOOD + b"{oops\n")},
                 "loss": {"method": "simpo"},
                 "deepspeed": {"config": str(ROOT / "ds_configs/zero3_fp32.json")},
+                "output": {"dir": str(tmp_path / "run")},  # not runs/default in the checkout
             }
         )
     )

@@ -291,6 +291,11 @@ def test_export_round_trip_logits(runs, tmp_path):
         got = model(input_ids=ids, attention_mask=att).logits
     assert torch.allclose(got, logits, atol=1e-5), (got - logits).abs().max()
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(out)  # generation stops at the chat template's end of turn too
+    want = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    assert GenerationConfig.from_pretrained(out).eos_token_id == want
 
 
 def test_fpo_step0_is_ln2_with_zero_feature_mse(runs):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fpo_ds import config as C
-from fpo_ds import data, losses
+from fpo_ds import data, dist, losses, metrics
 from fpo_ds import model as M
 
 
@@ -133,8 +133,10 @@ def evaluate(
         layer = hook_layer(sae)
     ref = load_model(reference)
     ref_stats = pair_stats(ref, pairs, tok.pad_token_id, sae, layer)
-    results = {}
-    for name, path in {"reference": reference, **models}.items():
+    results, todo = {}, {"reference": reference, **models}
+    progress = metrics.Progress("eval", len(todo), "models", every_s=0)
+    for i, (name, path) in enumerate(todo.items()):
+        dist.log(f"eval: model {i + 1}/{len(todo)} {name} ({path}): {len(pairs)} pairs, {len(prompts)} generations")
         pol = ref if name == "reference" else load_model(path)
         st = ref_stats if name == "reference" else pair_stats(pol, pairs, tok.pad_token_id, sae, layer)
         margins = beta * ((st["sum_c"] - ref_stats["sum_c"]) - (st["sum_r"] - ref_stats["sum_r"]))
@@ -154,6 +156,7 @@ def evaluate(
         records = [{"instruction": p, "output": t, "generator": name} for p, t in zip(prompts, texts)]
         (out / "generations" / f"{name}.json").write_text(json.dumps(records, indent=1))
         results[name] = r
+        progress.update(i + 1, f"({name}: preference accuracy {r['preference_accuracy']:.3f})")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 

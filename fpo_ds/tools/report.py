@@ -20,12 +20,13 @@ COLUMNS = [
     ("seq_kl", "seq KL"),
     ("entropy", "entropy"),
 ]
+# (metrics.jsonl key, panel title, y axis): every panel plots the mean over seeds per optimizer step.
 CURVES = [
-    ("loss", "loss"),
-    ("rewards/margins", "reward margin"),
-    ("rewards/accuracies", "reward accuracy"),
-    ("fpo/feature_mse_rejected", "FPO feature MSE (rejected)"),
-    ("tdpo/seq_kl_rejected", "TDPO sequence KL (rejected)"),
+    ("loss", "loss", "training loss"),
+    ("rewards/margins", "reward margin", "reward(chosen) - reward(rejected)"),
+    ("rewards/accuracies", "reward accuracy", "share of pairs, chosen reward higher"),
+    ("fpo/feature_mse_rejected", "FPO feature MSE (rejected)", "SAE feature MSE to the reference"),
+    ("tdpo/seq_kl_rejected", "TDPO sequence KL (rejected)", "KL(reference || policy), nats"),
 ]
 
 
@@ -62,14 +63,15 @@ def tables(results: list[dict], methods: tuple[str, ...]) -> str:
     return "\n".join(rows) + "\n\nHead-to-head (judge, ties count half):\n\n" + "\n".join(h2h)
 
 
-def _curves(out: Path, methods: tuple[str, ...], seeds: int) -> Path:
+def curves_figure(out: Path, methods: tuple[str, ...], seeds: int):
+    """One panel per CURVES entry, one line per method: the per-step mean over the seeds' metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-    for ax, (key, title) in zip(axes, CURVES):
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.9))
+    for ax, (key, title, ylabel) in zip(axes, CURVES):
         for m in methods:
             per_seed = []
             for s in range(1, seeds + 1):
@@ -81,10 +83,19 @@ def _curves(out: Path, methods: tuple[str, ...], seeds: int) -> Path:
                 n = min(len(c) for c in per_seed)
                 ax.plot(range(1, n + 1), [statistics.fmean(c[i] for c in per_seed) for i in range(n)], label=m)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
         if ax.lines:
             ax.legend()
+    fig.suptitle(f"Training curves per method: each line is the mean over {seeds} data-order seeds")
     fig.tight_layout()
+    return fig
+
+
+def _curves(out: Path, methods: tuple[str, ...], seeds: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(out, methods, seeds)
     path = out / "curves.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -103,7 +114,8 @@ def write(out: Path, methods: tuple[str, ...], seeds: int) -> Path:
         " log-likelihood on held-out pairs; margin = DPO-style reward margin (beta 0.1, summed log-probs); feature"
         " MSE = pooled SAE feature drift from the reference; seq KL = KL(policy || reference) summed over sampled"
         " tokens; entropy = mean per-token entropy of the policy along its samples.\n\n"
-        f"Seeds: data order seeds 1..{seeds}. Curves: `{plot.name}`. Resolved recipes: {', '.join(recipes)}.\n"
+        f"Seeds: data order seeds 1..{seeds}. Curves: `{plot.name}` (each line the mean over the {seeds} seeds)."
+        f" Resolved recipes: {', '.join(recipes)}.\n"
     )
     path = out / "report.md"
     path.write_text(text)

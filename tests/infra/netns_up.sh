@@ -2,13 +2,18 @@
 # Two test "hosts" on one machine: network namespaces fpo-node1/fpo-node2 joined by one veth
 # pair on a private test subnet (10.77.0.0/24) that routes nowhere else; pdsh for DeepSpeed's
 # multi-node launcher (tests/infra/fake_ssh stands in for ssh). Idempotent. Root only.
+# Namespaces it adds are recorded for tests/infra/down.sh (see record.sh); existing ones are reused.
 set -euo pipefail
+. "$(dirname "$0")/record.sh"
 if ! command -v pdsh >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pdsh >/dev/null
 fi
 for i in 1 2; do
-  ip netns add "fpo-node$i" 2>/dev/null || true
+  if [ ! -e "/run/netns/fpo-node$i" ]; then
+    ip netns add "fpo-node$i"
+    record netns "fpo-node$i"
+  fi
   ip -n "fpo-node$i" link set lo up
 done
 if ! ip -n fpo-node1 link show eth0 >/dev/null 2>&1; then
