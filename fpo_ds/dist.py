@@ -69,6 +69,13 @@ def _own_address() -> str:
         return "127.0.0.1"
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (a launcher-less run has no peers to agree on one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def discover(env: dict | None = None) -> Topology:
     """Resolve the topology without side effects (env defaults to os.environ)."""
     env = os.environ if env is None else env
@@ -98,7 +105,8 @@ def discover(env: dict | None = None) -> Topology:
     else:
         source = "single process"
         rank, world, local, local_world = 0, 1, 0, 1
-        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _free_port()  # no peer needs to agree
     return Topology(rank, world, local, local_world, addr, port, source)
 
 

@@ -60,3 +60,21 @@ def test_torn_metrics_line_is_dropped(tmp_path):
     path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     rundir.repair_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+
+
+def test_launcherless_run_picks_a_free_port():
+    import socket
+
+    from fpo_ds import dist
+
+    with socket.socket() as busy:
+        try:
+            busy.bind(("127.0.0.1", 29500))  # the port a launcher-less run used to hard-code
+            busy.listen()
+        except OSError:
+            pass  # already taken by something else: just as good
+        topo = dist.discover({})
+        assert topo.source == "single process" and topo.master_port != 29500
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", topo.master_port))  # free
+    assert dist.discover({"MASTER_PORT": "29613"}).master_port == 29613  # a port the user set wins
