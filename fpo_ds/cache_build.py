@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
+    dist.report_failures()
     build(C.load(args.recipe, args.overrides))
     dist.shutdown(0)
 

@@ -219,9 +219,26 @@ def on_rank0(fn):
     return result
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher announced it (before torch.distributed is up)."""
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def report_failures() -> None:
+    """Entry points call this first: a failure prints one paragraph naming the rank, not a traceback."""
+    sys.excepthook = _report_failure
+
+
 def _report_failure(exc_type, exc, tb) -> None:
     if issubclass(exc_type, PeerFailed):
         sys.exit(1)  # rank 0 printed the paragraph
+    tdist = sys.modules.get("torch.distributed")
+    met = tdist is not None and tdist.is_available() and tdist.is_initialized()
+    if issubclass(exc_type, USER_ERRORS) and not met and launcher_rank() != 0:
+        sys.exit(1)  # a mistake found before the ranks met (e.g. the recipe) is the same on every rank: rank 0 says it
     log_all(f"FAILED: {exc_type.__name__}: {exc}")
     if not issubclass(exc_type, USER_ERRORS) or os.environ.get("FPO_DS_TRACEBACK") == "1":
         traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
@@ -290,7 +307,7 @@ def init(timeout_minutes: int) -> Topology:
     import deepspeed
     import torch.distributed as tdist
 
-    sys.excepthook = _report_failure  # every rank names itself when it dies
+    report_failures()  # every rank names itself when it dies
     use_extensions_dir()  # before DeepSpeed builds anything
     topo = discover()
     os.environ.update(

@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-6")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
+    dist.report_failures()
     recipe = C.load(args.recipe, args.overrides)
     result = run(recipe)
     dist.shutdown(Preemption.EXIT_REQUEUE if result.preempted else 0)

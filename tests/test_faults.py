@@ -288,3 +288,10 @@ def test_resume_on_another_world_size_continues_the_run(world, uninterrupted, tm
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     # 1 rank with accumulation 2 vs 2 ranks: the invariance tests' tolerance
     assert [got[s] for s in (5, 6)] == pytest.approx([want[s] for s in (5, 6)], abs=1e-4)
+
+
+def test_a_recipe_mistake_is_one_paragraph_from_one_rank(world, tmp_path):
+    text = _train(world, tmp_path / "r", "loss.betta=1", "train.max_steps=0", port=29721, ok=False)
+    assert text.count("] FAILED: ConfigError") == 1, text[-3000:]  # rank 0 only; rank 1 exits quietly
+    assert "loss.betta: unknown key (did you mean loss.beta?)" in text and "train.max_steps: must be >= 1" in text
+    assert "fpo_ds/" not in text.split("] FAILED:")[-1]  # no traceback through our code
