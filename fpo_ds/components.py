@@ -87,7 +87,7 @@ def policy_engine(recipe: C.Recipe, ds_cfg: dict, total_steps: int):
     t = recipe.train
     opt = adamw(policy.parameters(), t, ds_cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, total_steps, t.schedule))
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    engine, *_ = deepspeed.initialize(model=M.ResponseLM(policy), optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     del keep
     return engine
 
@@ -186,7 +186,7 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
         obj = objective.build(recipe.loss, recipe.sae.k, weights)
         engine = policy_engine(recipe, ds_cfg, steps)
         if obj.ref_kind == "live":
-            reference = objective.LiveReference(M.frozen_engine(recipe.model, ds_cfg), obj.keep_logits)
+            reference = objective.LiveReference(M.frozen_engine(recipe.model, ds_cfg), obj.needs_kl)
         elif obj.ref_kind == "offline":
             reference = cache.Reader(recipe, tok, fingerprint, device)
     else:

@@ -8,6 +8,9 @@ difference is the implicit margin (rewards/margins in TRL's metric names).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
@@ -30,27 +33,148 @@ class LossOut(NamedTuple):
 
 # ----------------------------------------------------------------------------- log-probs
 
+# Response positions per LM-head chunk. At Gemma-2's vocabulary (256,000) one chunk's fp32 logits
+# are 1024 x 256000 x 4 B = 1 GiB, whatever the micro-batch and sequence length: the logits of all
+# 2b x T positions of a micro-batch are never held.
+LOGIT_CHUNK = 1024
 
-def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-prob of each next token. (b, T, V), (b, T) -> (b, T); 0 where labels is ignored.
 
-    `labels[:, t]` is the token predicted at position t (already shifted by the caller).
-    Uses gather - logsumexp so no second (b, T, V) log-softmax tensor is materialised.
+def capped_logits(logits: Tensor, softcap: float | None) -> Tensor:
+    """Gemma-2's final-logit softcapping, cap * tanh(logits / cap), in the logits' dtype; None: unchanged."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def head_logps(
+    hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None = None, chunk: int | None = None
+) -> Tensor:
+    """Log-prob of each target token from final hidden states. (n, d), (V, d), (n,) -> (n,), at least fp32.
+
+    `hidden[i]` is the final hidden state (after the model's final norm) at the position that
+    predicts `targets[i]`. Equals log_softmax(capped_logits(hidden @ weight.T))[i, targets[i]],
+    with logits for `chunk` (default LOGIT_CHUNK) positions at a time, in forward and
+    (recomputed) in backward.
     """
-    mask = labels != IGNORE_INDEX
-    safe = labels.clamp(min=0)
-    logits = _at_least_fp32(logits)
-    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
-    return logps * mask
+    chunk = chunk or LOGIT_CHUNK
+    return _HeadLogps.apply(hidden, weight, targets, softcap, chunk, None, None, contextlib.nullcontext)[0]
 
 
-def sequence_kl(ref_logits: Tensor, pol_logits: Tensor, mask: Tensor) -> Tensor:
-    """D_SeqKL: sum over response tokens of KL(pi_ref || pi_theta). (b,T,V),(b,T,V),(b,T) -> (b,)."""
-    ref_lp = F.log_softmax(_at_least_fp32(ref_logits), dim=-1)
-    pol_lp = F.log_softmax(_at_least_fp32(pol_logits), dim=-1)
-    kl = (ref_lp.exp() * (ref_lp - pol_lp)).sum(-1)
-    return (kl * mask).sum(-1)
+def head_logps_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    softcap: float | None = None,
+    chunk: int | None = None,
+    gather_ref: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[Tensor, Tensor]:
+    """`head_logps`, and per position KL(pi_ref || pi_theta) over the full vocabulary. -> (n,), (n,).
+
+    The reference's distribution comes from its own final hidden states `ref_hidden` (n, d) and
+    head `ref_weight` (V, d), with the same softcapping; no gradient flows to either. The
+    gradient of the KL with respect to the policy's logits z is p_theta - p_ref.
+    `gather_ref()` is entered around each pass that reads `ref_weight` (under ZeRO-3 it
+    all-gathers that partitioned weight): once in forward, once in backward.
+    """
+    chunk = chunk or LOGIT_CHUNK
+    return _HeadLogps.apply(hidden, weight, targets, softcap, chunk, ref_hidden.detach(), ref_weight, gather_ref)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
+    """(c, d), (V, d) -> (c, V) logits in at least fp32, computed as the model's own forward computes them.
+
+    The matmul and the softcapping run in the model's dtype (as in the Hugging Face forward) and
+    the upcast comes after; in place, since the matmul's output is a fresh tensor.
+    """
+    z = F.linear(hidden, weight)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return _at_least_fp32(z)
+
+
+def _logsumexp_(z: Tensor) -> Tensor:
+    """Log-sum-exp over the last axis, overwriting z: no second (c, V) buffer. (c, V) -> (c,)."""
+    m = z.amax(-1, keepdim=True)
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
+def _kl_rows(ref_lp: Tensor, pol_lp: Tensor) -> Tensor:
+    """sum_v p_ref (log p_ref - log p_theta). (c, V) log-probs, (c, V) -> (c,)."""
+    return (ref_lp.exp() * (ref_lp - pol_lp)).sum(-1)
+
+
+def _chunk_grad(hidden, weight, targets, lse, g, softcap, ref) -> Tensor:
+    """Gradient of one chunk's loss w.r.t. its pre-softcap logits. (c, d), (V, d), (c,) x3 -> (c, V), >= fp32.
+
+    d log p(y) / dz = onehot(y) - p and d KL / dz = p - p_ref (z: the softcapped logits), times
+    the softcap's slope 1 - tanh^2. `ref` is None or (ref_hidden, ref_weight, ref_lse, g_kl).
+    """
+    z = F.linear(hidden, weight)
+    t = z.div_(softcap).tanh_() if softcap is not None else None  # as the forward's _chunk_logits
+    d = _at_least_fp32(z if t is None else t * softcap).sub_(lse[:, None]).exp_()  # p, from the forward's lse
+    if ref is None:
+        d.mul_(-g[:, None])
+    else:
+        ref_hidden, ref_weight, ref_lse, g_kl = ref
+        p_ref = _chunk_logits(ref_hidden, ref_weight, softcap).sub_(ref_lse[:, None]).exp_()
+        d.mul_((g_kl - g)[:, None]).sub_(p_ref.mul_(g_kl[:, None]))
+    d.scatter_add_(1, targets[:, None], g[:, None])
+    if t is not None:
+        d.mul_(_at_least_fp32(t).square_().neg_().add_(1))  # t is not needed after this
+    return d
+
+
+def _chunks(n: int, size: int):
+    return ((s, min(s + size, n)) for s in range(0, n, size))
+
+
+class _HeadLogps(torch.autograd.Function):
+    """Per-token log-probs (and the KL to a reference) from final hidden states, chunk by chunk.
+
+    Saves the hidden states, the targets and one logsumexp per position, never logits: backward
+    recomputes each chunk's logits and turns them into d_hidden and d_weight at once.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk, ref_hidden, ref_weight, gather_ref):
+        n, acc = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+        has_ref = ref_hidden is not None
+        logps, lse = hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
+        kl = hidden.new_zeros(n if has_ref else 0, dtype=acc)
+        ref_lse = hidden.new_empty(n, dtype=acc) if has_ref else None
+        with gather_ref() if has_ref else contextlib.nullcontext():
+            for s, e in _chunks(n, chunk):
+                z = _chunk_logits(hidden[s:e], weight, softcap)
+                picked = z.gather(1, targets[s:e, None]).squeeze(1)
+                lse[s:e] = torch.logsumexp(z, -1) if has_ref else _logsumexp_(z)  # the KL needs z intact
+                logps[s:e] = picked - lse[s:e]
+                if has_ref:
+                    zr = _chunk_logits(ref_hidden[s:e], ref_weight, softcap)
+                    ref_lse[s:e] = torch.logsumexp(zr, -1)
+                    kl[s:e] = _kl_rows(zr.sub_(ref_lse[s:e, None]), z.sub_(lse[s:e, None]))
+        ctx.save_for_backward(hidden, weight, targets, lse, ref_hidden, ref_lse)
+        ctx.softcap, ctx.chunk, ctx.ref_weight, ctx.gather_ref = softcap, chunk, ref_weight, gather_ref
+        if not has_ref:
+            ctx.mark_non_differentiable(kl)
+        return logps, kl
+
+    @staticmethod
+    def backward(ctx, g_logps, g_kl):
+        hidden, weight, targets, lse, ref_hidden, ref_lse = ctx.saved_tensors
+        has_ref = ref_hidden is not None
+        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Accumulated over chunks in the weight's dtype (as fused linear-cross-entropy kernels do).
+        d_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        with ctx.gather_ref() if has_ref else contextlib.nullcontext():
+            for s, e in _chunks(hidden.shape[0], ctx.chunk):
+                ref = (ref_hidden[s:e], ctx.ref_weight, ref_lse[s:e], g_kl[s:e]) if has_ref else None
+                d_z = _chunk_grad(hidden[s:e], weight, targets[s:e], lse[s:e], g_logps[s:e], ctx.softcap, ref)
+                d_z = d_z.to(weight.dtype)
+                if d_hidden is not None:
+                    d_hidden[s:e] = d_z @ weight
+                if d_weight is not None:
+                    d_weight.addmm_(d_z.t(), hidden[s:e])
+        return d_hidden, d_weight, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- SAE features

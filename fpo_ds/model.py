@@ -4,22 +4,43 @@ Under ZeRO-3 the model is constructed partitioned (transformers' HfDeepSpeedConf
 `from_pretrained` run inside `deepspeed.zero.Init`), so a 9B model is never whole on a rank.
 Random initialisation never happens here: tiny test models are written to disk first
 (see tools/toy.py), which sidesteps transformers' init on already-partitioned embeddings.
+
+Engines are built around `ResponseLM`, whose forward returns per-sequence response log-probs
+without the (2b, T, V) logits: the LM head runs on the response positions only, a chunk of
+positions at a time (losses.head_logps). At Gemma-2's 256k vocabulary, micro-batch 2 and 1024
+tokens, the full logits alone were 4 x 1024 x 256000 x 4 B = 4 GiB in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from fpo_ds import losses as L
 from fpo_ds.config import WORLD_HINT
 from fpo_ds.data import Batch
 from fpo_ds.ds_config import torch_dtype, zero_stage
-from fpo_ds.losses import IGNORE_INDEX, token_logps
+from fpo_ds.losses import IGNORE_INDEX
 
 # Models whose code must be imported before zero.Init patches tensor constructors.
 _PRELOADED = False
+
+
+# What each supported *ForCausalLM.forward (transformers 5.24) applies between the decoder's final
+# (normed) hidden state and the logits: a bias-free lm_head, then, for Gemma-2, tanh softcapping
+# with this config attribute. Any other type is refused: its forward may scale the logits
+# (Cohere's logit_scale, Granite's logits_scaling) and log-probs computed here would differ.
+SOFTCAP_ATTR = {"llama": None, "mistral": None, "qwen2": None, "gemma": None, "gemma2": "final_logit_softcapping"}
+
+
+class RefHead(NamedTuple):
+    """What TDPO's full-vocabulary KL needs from the reference; its logits are recomputed per chunk, never stored."""
+
+    hidden: torch.Tensor  # (n, d) the reference's final hidden states at the n response positions
+    head: ResponseHead  # the reference's LM head (its weight may be a partitioned ZeRO-3 parameter)
 
 
 class SeqOut(NamedTuple):
@@ -27,9 +48,118 @@ class SeqOut(NamedTuple):
 
     sum_logps: torch.Tensor  # (2b,)
     n_tokens: torch.Tensor  # (2b,)
-    logits: torch.Tensor | None  # (2b, T-1, V), kept only when a loss needs full distributions
-    mask: torch.Tensor  # (2b, T-1) response-token mask aligned with logits
+    kl: torch.Tensor | None = None  # (2b,) D_SeqKL(ref || this model), when a reference head was given (TDPO)
+    ref_head: RefHead | None = None  # this model as TDPO's reference (keep_hidden=True)
     features: torch.Tensor | None = None  # (2b, d_sae) pooled SAE features (FPO; set by the trainer)
+
+
+class Response(NamedTuple):
+    """ResponseLM's output (tensors only, so DeepSpeed's hooks see every one)."""
+
+    sum_logps: torch.Tensor  # (2b,)
+    n_tokens: torch.Tensor  # (2b,)
+    kl: torch.Tensor | None  # (2b,)
+    hidden: torch.Tensor | None  # (n, d) final hidden states at the response positions, detached
+
+
+class Logits(NamedTuple):
+    logits: torch.Tensor  # (B, T, V) as the Hugging Face forward returns them
+
+
+def head_softcap(lm) -> float | None:
+    """The softcap a supported causal LM applies to its logits (None: none); refuses any other model."""
+    kind = getattr(lm.config, "model_type", None)
+    if kind not in SOFTCAP_ATTR:
+        raise ValueError(
+            f"model: {type(lm).__name__} (model_type {kind!r}) is not supported by the response log-prob path; "
+            f"supported: {sorted(SOFTCAP_ATTR)}. Add its type to model.SOFTCAP_ATTR after checking what its "
+            "forward applies between the last hidden state and the logits"
+        )
+    if getattr(lm.lm_head, "bias", None) is not None:
+        raise ValueError(f"model: {type(lm).__name__} has an lm_head bias; the response log-prob path assumes none")
+    attr = SOFTCAP_ATTR[kind]
+    return getattr(lm.config, attr, None) if attr else None
+
+
+def _gathered(param) -> contextlib.AbstractContextManager:
+    """All-gather a partitioned ZeRO-3 parameter for the block (collective: every rank enters); else nothing.
+
+    A parameter that is already whole (ZeRO-3 persistent, or any lower stage) is left alone:
+    leaving GatheredParameters would partition it again behind its engine's back.
+    """
+    if not hasattr(param, "ds_status"):
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters([param])
+
+
+class ResponseHead(torch.nn.Module):
+    """The LM head, on the Hugging Face lm_head's own weight (with tied embeddings, the embedding's).
+
+    Called with hidden states only it returns the model's logits (softcapped as its forward
+    does). Called with targets it returns per-position log-probs (n,) computed chunk by chunk
+    (losses.head_logps); with a reference head, (n, 2): log-probs and the KL to the reference.
+    Under ZeRO-3 this module's own hooks all-gather the weight before its forward (one gather
+    for all chunks) and, unless it is still whole, before its backward, as for the nn.Linear it
+    stands in for; the reference's weight, which belongs to another engine, is all-gathered
+    around each of the two chunk loops.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, softcap: float | None):
+        super().__init__()
+        self.weight, self.softcap = weight, softcap
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, ref: RefHead | None = None):
+        if targets is None:
+            return L.capped_logits(torch.nn.functional.linear(hidden, self.weight), self.softcap)
+        if ref is None:
+            return L.head_logps(hidden, self.weight, targets, self.softcap)
+        w_ref = ref.head.weight
+        logps, kl = L.head_logps_kl(
+            hidden, self.weight, targets, ref.hidden, w_ref, self.softcap, gather_ref=lambda: _gathered(w_ref)
+        )
+        # One output tensor: ZeRO-3 hooks a module's backward once per output tensor, and a second
+        # hook would enter this module twice in its recorded backward trace.
+        return torch.stack([logps, kl], -1)
+
+
+def _per_sequence(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values at the response positions, summed per sequence. (n,), (B, T-1) with n True -> (B,)."""
+    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x).sum(-1)
+
+
+class ResponseLM(torch.nn.Module):
+    """A Hugging Face causal LM whose forward returns summed response log-probs, never full logits.
+
+    Its children are the HF model's decoder (`model`) and a ResponseHead on the HF lm_head's
+    weight (`lm_head`), so parameter names and state dicts are the HF model's own (checkpoints
+    export to a plain HF model; `decoder_layers` finds the blocks) and a DeepSpeed engine built
+    around it hooks both. Called without labels it returns the HF forward's `.logits`.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        softcap = head_softcap(lm)
+        self.config, self.model = lm.config, lm.model
+        self.lm_head = ResponseHead(lm.lm_head.weight, softcap)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, ref: RefHead | None = None, keep_hidden=False):
+        """Log-probs of labels[:, 1:] at positions [:, :-1] (shifted as the HF loss does); ignored labels are -100."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if labels is None:
+            return Logits(self.lm_head(hidden))
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX  # (B, T-1): the response positions
+        h = hidden[:, :-1][mask]  # (n, d), row by row
+        out = self.lm_head(h, targets[mask], ref=ref)  # (n,), or (n, 2) with the KL
+        logps, kl = out.unbind(-1) if ref is not None else (out, None)
+        n_tokens = mask.sum(-1).to(logps.dtype)
+        kl = _per_sequence(kl, mask) if kl is not None else None
+        return Response(_per_sequence(logps, mask), n_tokens, kl, h.detach() if keep_hidden else None)
 
 
 def _preload_model_code() -> None:
@@ -75,7 +205,7 @@ def frozen_engine(model_cfg, ds_cfg: dict):
         cfg["zero_optimization"] = {"stage": 0}
     model, keepalive = load_model(model_cfg, cfg)
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine, *_ = deepspeed.initialize(model=ResponseLM(model), config=cfg)
     engine.eval()
     del keepalive
     return engine
@@ -120,13 +250,29 @@ def to_device(batch: Batch, device) -> Batch:
     return Batch(*(t.to(device, non_blocking=True) for t in batch))
 
 
-def sequence_logps(model, batch: Batch, keep_logits: bool = False) -> SeqOut:
-    """One forward over chosen+rejected; summed response log-probs per sequence."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    labels = batch.labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    tok = token_logps(logits, labels)
-    return SeqOut(tok.sum(-1), mask.sum(-1).to(tok.dtype), logits if keep_logits else None, mask)
+def sequence_logps(model, batch: Batch, ref: RefHead | None = None, keep_hidden: bool = False) -> SeqOut:
+    """One forward over chosen+rejected; summed response log-probs per sequence.
+
+    Args:
+        model: a DeepSpeed engine built around ResponseLM, a ResponseLM, or a plain (unpartitioned)
+            Hugging Face causal LM, wrapped here without copying a weight.
+        batch: (2b, T) ids, attention mask and labels (-100 outside the responses).
+        ref: the reference's RefHead: also D_SeqKL(ref || model) per sequence (TDPO).
+        keep_hidden: return this model's RefHead, to serve as TDPO's reference.
+    """
+    lm = getattr(model, "module", model)
+    if not isinstance(lm, ResponseLM):
+        if lm is not model:
+            raise TypeError(f"sequence_logps: the engine wraps {type(lm).__name__}; build it around model.ResponseLM")
+        model = lm = ResponseLM(model)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        labels=batch.labels,
+        ref=ref,
+        keep_hidden=keep_hidden,
+    )
+    return SeqOut(out.sum_logps, out.n_tokens, out.kl, RefHead(out.hidden, lm.lm_head) if keep_hidden else None)
 
 
 def decoder_layers(model):

@@ -14,7 +14,7 @@ import torch
 
 from fpo_ds import losses as L
 from fpo_ds.data import Batch
-from fpo_ds.model import SeqOut, sequence_logps
+from fpo_ds.model import RefHead, SeqOut, sequence_logps
 
 RefKind = Literal["none", "live", "offline"]  # no reference, a frozen model run each step, or the cache
 
@@ -22,7 +22,7 @@ RefKind = Literal["none", "live", "offline"]  # no reference, a frozen model run
 class RefOut(NamedTuple):
     sum_logps: torch.Tensor  # (2b,) summed reference log-probs
     mean_logps: torch.Tensor  # (2b,) per-token mean reference log-probs
-    logits: torch.Tensor | None = None  # (2b, T-1, V), live reference only (TDPO)
+    head: RefHead | None = None  # live reference only (TDPO): its hidden states and head, for the KL
     feat_idx: torch.Tensor | None = None  # (2b, k_cache) cached top features (offline cache, FPO)
     feat_val: torch.Tensor | None = None  # (2b, k_cache) their pooled values
 
@@ -30,19 +30,19 @@ class RefOut(NamedTuple):
 class Objective(NamedTuple):
     fn: Callable[[SeqOut, RefOut | None], L.LossOut]
     ref_kind: RefKind
-    keep_logits: bool  # policy/ref logits are needed beyond log-probs (TDPO)
+    needs_kl: bool  # the full-vocabulary KL between the live reference and the policy (TDPO)
 
 
 class LiveReference:
     """The reference model run beside the policy each step (a frozen engine, no gradients)."""
 
-    def __init__(self, engine, keep_logits: bool):
-        self.engine, self.keep_logits = engine, keep_logits
+    def __init__(self, engine, needs_kl: bool):
+        self.engine, self.needs_kl = engine, needs_kl
 
     def __call__(self, batch: Batch) -> RefOut:
         with torch.no_grad():
-            out = sequence_logps(self.engine, batch, keep_logits=self.keep_logits)
-        return RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.logits)
+            out = sequence_logps(self.engine, batch, keep_hidden=self.needs_kl)
+        return RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.ref_head)
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +69,7 @@ def build(loss_cfg, k: int = 50, feature_weights: torch.Tensor | None = None) ->
         return L.simpo(*_halves(pol.sum_logps / pol.n_tokens), beta, loss_cfg.gamma_beta_ratio)
 
     def tdpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
-        kl = L.sequence_kl(ref.logits, pol.logits, pol.mask)
+        kl = pol.kl  # computed in the policy's forward from ref.head (model.sequence_logps)
         version = 1 if method == "tdpo1" else 2
         out = L.tdpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(kl), beta, alpha, version)
         kl_c, kl_r = _halves(kl.detach())

@@ -74,7 +74,7 @@ def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, p
     read_s = time.perf_counter() - t0 if c.objective.ref_kind == "offline" else 0.0  # host work only: no sync
     if c.features:
         c.features.arm()
-    pol = M.sequence_logps(c.engine, batch, c.objective.keep_logits)
+    pol = M.sequence_logps(c.engine, batch, ref.head if c.objective.needs_kl else None)
     sae = c.features.read(batch, peers) if c.features else None
     out = c.objective.fn(pol._replace(features=sae.features) if sae else pol, ref)
     if poison == "loss":

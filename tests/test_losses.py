@@ -20,34 +20,68 @@ def _rand(*shape, requires_grad=False):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
 
 
-def test_token_logps_matches_log_softmax():
-    logits = _rand(2, 5, 7)
-    labels = torch.randint(0, 7, (2, 5))
-    labels[0, :2] = L.IGNORE_INDEX
-    got = L.token_logps(logits, labels)
-    for i in range(2):
-        for t in range(5):
-            if labels[i, t] == L.IGNORE_INDEX:
-                assert got[i, t] == 0
-            else:
-                row = logits[i, t]
-                ref = row[labels[i, t]].item() - math.log(sum(math.exp(v) for v in row.tolist()))
-                assert got[i, t].item() == pytest.approx(ref, abs=1e-6)
+def _head_case(n=9, d=4, v=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+    return h, w, torch.randint(0, v, (n,), generator=g)
 
 
-def test_sequence_kl_by_hand_and_zero_at_equality():
-    ref, pol = _rand(2, 3, 4), _rand(2, 3, 4)
-    mask = torch.tensor([[0, 1, 1], [1, 1, 0]], dtype=torch.float64)
-    got = L.sequence_kl(ref, pol, mask)
-    for i in range(2):
-        total = 0.0
-        for t in range(3):
-            if mask[i, t]:
-                p = torch.softmax(ref[i, t], -1).tolist()
-                q = torch.softmax(pol[i, t], -1).tolist()
-                total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-        assert got[i].item() == pytest.approx(total, abs=1e-9)
-    assert torch.allclose(L.sequence_kl(ref, ref, mask), torch.zeros(2, dtype=torch.float64))
+@pytest.mark.parametrize("softcap", [None, 0.8])
+def test_head_logps_by_hand(softcap):
+    h, w, y = _head_case()
+    got = L.head_logps(h, w, y, softcap, chunk=4)  # chunks of 4, 4 and 1
+    for i in range(h.shape[0]):
+        z = [sum(a * b for a, b in zip(h[i].tolist(), w[j].tolist())) for j in range(w.shape[0])]
+        z = [softcap * math.tanh(x / softcap) for x in z] if softcap else z
+        want = z[y[i]] - math.log(sum(math.exp(x) for x in z))
+        assert got[i].item() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [None, 0.8])
+def test_head_logps_kl_by_hand_and_zero_at_equality(softcap):
+    h, w, y = _head_case()
+    hr, wr, _ = _head_case(seed=1)
+    entered = []
+    _, kl = L.head_logps_kl(h, w, y, hr, wr, softcap, chunk=4, gather_ref=lambda: _Entered(entered))
+    assert entered == [1]  # the reference weight is gathered once for the whole forward, not per chunk
+    cap = (lambda z: softcap * torch.tanh(z / softcap)) if softcap else (lambda z: z)
+    for i in range(h.shape[0]):
+        p = torch.softmax(cap(wr @ hr[i]), -1).tolist()
+        q = torch.softmax(cap(w @ h[i]), -1).tolist()
+        assert kl[i].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), abs=1e-12)
+    _, same = L.head_logps_kl(h, w, y, h, w, softcap)
+    assert torch.allclose(same, torch.zeros_like(same), atol=1e-12)
+
+
+class _Entered:
+    def __init__(self, log):
+        self.log = log
+
+    def __enter__(self):
+        self.log.append(1)
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("softcap", [None, 0.8])
+def test_head_logps_gradients_by_finite_differences(softcap):
+    """Backward recomputes each chunk's logits: d_hidden and d_weight against torch's numerical gradient."""
+    h, w, y = _head_case(n=5, d=3, v=6)
+    hr, wr, _ = _head_case(n=5, d=3, v=6, seed=1)
+    torch.autograd.gradcheck(lambda a, b: L.head_logps(a, b, y, softcap, chunk=2), (h, w))
+
+    def both(a, b):
+        logps, kl = L.head_logps_kl(a, b, y, hr.detach(), wr.detach(), softcap, chunk=2)
+        return logps * 0.3 + kl  # both outputs' gradients flow back through one chunk loop
+
+    torch.autograd.gradcheck(both, (h, w))
+    entered = []
+    logps, kl = L.head_logps_kl(h, w, y, hr, wr, softcap, chunk=2, gather_ref=lambda: _Entered(entered))
+    (logps.sum() + kl.sum()).backward()
+    assert entered == [1, 1]  # once in forward, once in backward
+    assert hr.grad is None and wr.grad is None  # the reference gets no gradient
 
 
 def test_dpo_formula_and_ln2_at_reference():

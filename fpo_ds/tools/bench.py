@@ -7,12 +7,20 @@ Per method: median step time, tokens/s, peak memory per rank (RSS on CPU, CUDA m
 on GPU), and ratios to SimPO with their spread over repeats. Also: cache build time with SAE
 features vs the logps-only reference pass, cache read and SAE encode shares of FPO's step
 time, and the sharded encoder's communication bytes per step. Writes bench.json and bench.md.
+
+Real shapes on CPU: `--vocab 256000 --seq 512` gives the narrow model Gemma-2's vocabulary and
+sequences of 512 tokens (prompt 256, responses 256), where the LM head and its logits dominate.
+`--compare-src DIR` runs every method also under another checkout of this package (e.g.
+`git worktree add /tmp/old <commit>`), interleaved with this one, and reports this / that per
+method: step time, peak memory, the memory above the same run at the toy vocabulary (the
+vocabulary-dependent part: logits, LM head and its optimizer state), and the loss difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 from pathlib import Path
@@ -37,16 +45,69 @@ TARGETS = [  # (label, metric, method, vs, limit)
 ]
 
 
-def _launch(stages: list[dict], out: Path, nproc: int, name: str) -> None:
-    pipeline.launch(stages, out / f"plan-{name}.json", nproc, quiet=name != "cache")
+def _launch(stages: list[dict], out: Path, nproc: int, name: str, src: Path | None = None) -> None:
+    """One torchrun launch of the stages, running this package or, with `src`, the checkout at src."""
+    if src is None:
+        pipeline.launch(stages, out / f"plan-{name}.json", nproc, quiet=name != "cache")
+        return
+    plan = out / f"plan-{name}.json"
+    plan.write_text(json.dumps(stages, indent=1))
+    # -m resolves the package from the working directory first: the ranks import src's fpo_ds.
+    env = pipeline.child_env(PYTHONPATH=str(src))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(out / ".torch_extensions"))
+    pipeline.torchrun(["-m", "fpo_ds.pipeline", str(plan)], nproc, env=env, cwd=src, quiet=True)
+
+
+def long_rows(n: int, seq: int, seed: int) -> list[dict]:
+    """Digit-repeat pairs of about `seq` tokens per prompt and per response (truncated to seq/2 each)."""
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        digits = [str(rng.randint(0, 9)) for _ in range(seq)]
+        wrong = list(digits)
+        wrong[3] = str((int(wrong[3]) + 1) % 10)  # an early change: it survives truncation
+        rows.append({"prompt": "Repeat: " + " ".join(digits), "chosen": " ".join(digits), "rejected": " ".join(wrong)})
+    return rows
+
+
+def _world(out: Path, args) -> Path:
+    """The toy world; with --seq, long pairs; with --vocab, the model at that vocabulary (token ids stay small).
+
+    With --vocab the toy-vocabulary model stays beside it, at model-toyvocab/ (the memory baseline).
+    """
+    world = out / "world"
+    if (world / "model" / "config.json").is_file():
+        return world
+    toy.write_world(world, args.arch, n_train=args.pairs, n_eval=8, hidden=args.hidden, layers=args.layers)
+    if args.seq > 64:
+        rows = long_rows(args.pairs, args.seq, seed=0)
+        (world / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.vocab or args.seq > 256:  # toy.tiny_config's models hold 256 positions
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(world / "model")
+        _write_model(world / "model", args, args.vocab or len(tok), tok)
+        if args.vocab:
+            _write_model(world / "model-toyvocab", args, len(tok), tok)
+    return world
+
+
+def _write_model(path: Path, args, vocab: int, tok) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = toy.tiny_config(args.arch, vocab, tok, args.hidden, args.layers)
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
 
 
 def _overrides(world: Path, out: Path, extra: dict, args) -> list[str]:
     base = {
         "model.name_or_path": world / "model",
         "data.path": world / "data/train.jsonl",
-        "data.max_length": 64,
-        "data.max_prompt_length": 32,
+        "data.max_length": args.seq,
+        "data.max_prompt_length": args.seq // 2,
         "train.micro_batch_size": args.micro,
         "train.global_batch_size": args.micro * args.nproc,
         "train.max_steps": args.steps,
@@ -109,65 +170,65 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
+def _caches(world: Path, out: Path, args) -> dict:
+    """Build the offline caches (FPO's, and log-probs only) in one launch; their manifests.
+
+    With --vocab, also those of the toy-vocabulary model (the memory baseline).
+    """
+
+    def stages(model: str, suffix: str, warm: bool) -> list[dict]:
+        common = {"model.name_or_path": world / model, "output.dir": out / "runs/cache"}
+        fpo = _overrides(world, out, {**common, "loss.method": "fpo", "cache.dir": out / f"cache{suffix}"}, args)
+        logps = {**common, "loss.method": "dpo", "loss.reference": "offline", "sae.path": "null"}
+        logps = _overrides(world, out, {**logps, "cache.dir": out / f"cache-logps{suffix}"}, args)
+        warmup = [o.replace(str(out / "cache-logps"), str(out / "cache-warmup")) for o in logps]
+        # A first pass warms the process (kernels, allocator, page cache) so neither timed pass pays for it.
+        first = [{"stage": "build-cache", "recipe": str(RECIPE), "overrides": warmup}] if warm else []
+        return first + [{"stage": "build-cache", "recipe": str(RECIPE), "overrides": o} for o in (logps, fpo)]
+
+    plan = stages("model", "", warm=True) + (stages("model-toyvocab", "-toyvocab", warm=False) if args.vocab else [])
+    for d in ("cache", "cache-logps", "cache-warmup", "cache-toyvocab", "cache-logps-toyvocab"):
+        shutil.rmtree(out / d, ignore_errors=True)
+    _launch(plan, out, args.nproc, "cache")
+    names = (("logps", "cache-logps"), ("fpo", "cache"))
+    return {n: json.loads((out / d / "manifest.json").read_text()) for n, d in names}
+
+
+def _train(world: Path, out: Path, args, method: str, tag: str, src: Path | None, toyvocab: bool = False) -> dict:
+    """One training launch of `method`; its summary (and its losses, for the comparison of sources)."""
+    run_dir = out / "runs" / tag
+    shutil.rmtree(run_dir, ignore_errors=True)
+    extra = {**METHODS[method], "output.dir": run_dir}
+    if toyvocab:
+        extra.update({"model.name_or_path": world / "model-toyvocab", "cache.dir": out / "cache-toyvocab"})
+    stage = {"stage": "train", "recipe": str(RECIPE), "overrides": _overrides(world, out, extra, args)}
+    _launch([stage], out, args.nproc, tag, src)
+    summary = _summary(run_dir / "metrics.jsonl", args.warmup)
+    summary["losses"] = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary
+
+
 def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = out / "world"
-    if not (world / "model" / "config.json").is_file():
-        toy.write_world(world, "llama", n_train=2048, n_eval=8, hidden=args.hidden, layers=args.layers)
+    world = _world(out, args)
     if not (out / "sae" / "cfg.json").is_file():
         toy.random_sae("jumprelu", args.hidden, args.d_sae, args.layers - 1, seed=0).save_model(str(out / "sae"))
-    shutil.rmtree(out / "cache", ignore_errors=True)
-    shutil.rmtree(out / "cache-logps", ignore_errors=True)
-    fpo_cfg = _overrides(world, out, {"loss.method": "fpo", "output.dir": out / "runs/cache"}, args)
-    logps_cfg = _overrides(
-        world,
-        out,
-        {
-            "loss.method": "dpo",
-            "loss.reference": "offline",
-            "cache.dir": out / "cache-logps",
-            "sae.path": "null",
-            "output.dir": out / "runs/cache",
-        },
-        args,
-    )
-    warm = [o.replace(str(out / "cache-logps"), str(out / "cache-warmup")) for o in logps_cfg]
-    shutil.rmtree(out / "cache-warmup", ignore_errors=True)
-    _launch(
-        [
-            # A first pass warms the process (kernels, allocator, page cache) so neither timed pass pays for it.
-            {"stage": "build-cache", "recipe": str(RECIPE), "overrides": warm},
-            {"stage": "build-cache", "recipe": str(RECIPE), "overrides": logps_cfg},
-            {"stage": "build-cache", "recipe": str(RECIPE), "overrides": fpo_cfg},
-        ],
-        out,
-        args.nproc,
-        "cache",
-    )
-    manifests = {
-        n: json.loads((out / d / "manifest.json").read_text()) for n, d in (("logps", "cache-logps"), ("fpo", "cache"))
-    }
+    manifests = _caches(world, out, args)
     chosen = {m: METHODS[m] for m in METHODS if m in args.methods}
-    per_repeat: dict[str, list[dict]] = {m: [] for m in chosen}
+    sources = {"this": None, **({"other": Path(args.compare_src).resolve()} if args.compare_src else {})}
+    runs: dict[str, dict[str, list[dict]]] = {src: {m: [] for m in chosen} for src in sources}
     for r in range(args.repeats):
-        for m, extra in chosen.items():
-            run_dir = out / "runs" / f"{m}-r{r}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            _launch(
-                [
-                    {
-                        "stage": "train",
-                        "recipe": str(RECIPE),
-                        "overrides": _overrides(world, out, {**extra, "output.dir": run_dir}, args),
-                    }
-                ],
-                out,
-                args.nproc,
-                m,
-            )
-            per_repeat[m].append(_summary(run_dir / "metrics.jsonl", args.warmup))
-            print(f"[bench] repeat {r + 1}/{args.repeats} {m}: {per_repeat[m][-1]}", flush=True)
+        for m in chosen:
+            for src, path in sources.items():  # interleaved: machine noise hits both sources alike
+                runs[src][m].append(_train(world, out, args, m, f"{m}-{src}-r{r}", path))
+                print(f"[bench] repeat {r + 1}/{args.repeats} {m} ({src}): {runs[src][m][-1]}", flush=True)
+    per_repeat = runs["this"]
+    baseline = {}
+    if args.vocab:  # each method once more at the toy vocabulary: what the vocabulary costs is the difference
+        for m in chosen:
+            for src, path in sources.items():
+                baseline[(src, m)] = _train(world, out, args, m, f"{m}-{src}-toyvocab", path, toyvocab=True)
     result = {
         "config": {**vars(args), "out": Path(args.out).name, "ds_config": Path(args.ds_config).name},
         "methods": {},
@@ -182,6 +243,13 @@ def run(args) -> dict:
         },
     }
     result["params"] = _params(world / "model")
+    if args.compare_src:
+        result["compare"] = _compare(runs, baseline)
+    if baseline:
+        result["vocab_mem_mib"] = {
+            m: [rep["peak_mem_mib"] - baseline[("this", m)]["peak_mem_mib"] for rep in reps]
+            for m, reps in per_repeat.items()
+        }
     for m, reps in per_repeat.items():
         for rep in reps if args.peak_tflops else []:  # model FLOPs utilisation over all GPUs of the run
             flops = rep["tokens_per_s"] * FLOPS_PER_PARAM_TOKEN[m] * result["params"]
@@ -213,13 +281,34 @@ def run(args) -> dict:
     return result
 
 
+def _compare(runs: dict, baseline: dict) -> dict:
+    """Per method: this source / the other (step time, peak memory, vocabulary-dependent memory) and loss gaps."""
+    out = {}
+    for m, these in runs["this"].items():
+        others = runs["other"][m]
+        row = {
+            "step_time_s": ([a["step_time_s"] for a in these], [b["step_time_s"] for b in others]),
+            "peak_mem_mib": ([a["peak_mem_mib"] for a in these], [b["peak_mem_mib"] for b in others]),
+            "max_loss_diff": max(abs(x - y) for a, b in zip(these, others) for x, y in zip(a["losses"], b["losses"])),
+        }
+        if baseline:
+            base = {src: baseline[(src, m)]["peak_mem_mib"] for src in ("this", "other")}
+            row["vocab_mem_mib"] = (
+                [a["peak_mem_mib"] - base["this"] for a in these],
+                [b["peak_mem_mib"] - base["other"] for b in others],
+            )
+        out[m] = row
+    return out
+
+
 def markdown(result: dict) -> str:
     """The tables, recomputed from bench.json's raw per-repeat numbers."""
     cfg = result["config"]
     mfu = "mfu" in next(iter(result["methods"].values()))
     lines = [
-        f"# fpo-ds bench: Llama-style h{cfg['hidden']} x {cfg['layers']} layers "
-        f"({result['params'] / 1e6:.1f}M params), SAE {cfg['d_sae']} features, {cfg['nproc']} ranks, "
+        f"# fpo-ds bench: {cfg.get('arch', 'llama')}-style h{cfg['hidden']} x {cfg['layers']} layers, "
+        f"vocabulary {cfg.get('vocab') or 'toy'} ({result['params'] / 1e6:.1f}M params), {cfg.get('seq', 64)} tokens, "
+        f"SAE {cfg['d_sae']} features, {cfg['nproc']} ranks, "
         f"micro {cfg['micro']}, {cfg['repeats']} repeats (median [min, max]), {cfg.get('device', '?')}",
         "",
         "| method | step time (s) | tokens/s | peak mem/rank (MiB) | step vs SimPO | mem vs SimPO |" + (" MFU |" * mfu),
@@ -246,7 +335,41 @@ def markdown(result: dict) -> str:
         f"Sharded-encoder traffic: {statistics.median(comm):.0f} bytes/step/rank. SAE encode (forward + backward, "
         f"this rank's slice) share of FPO's step time: {_spread(encode)}.",
     ]
+    if "vocab_mem_mib" in result:
+        per = ", ".join(f"{m} {_spread(v)}" for m, v in result["vocab_mem_mib"].items())
+        lines += ["", f"Peak memory per rank above the same run at the toy vocabulary (MiB): {per}."]
+    if "compare" in result:
+        lines += _compare_table(result["compare"], cfg.get("compare_src"))
     return "\n".join(lines) + "\n"
+
+
+def _compare_table(compare: dict, other: str | None) -> list[str]:
+    """This checkout vs --compare-src; 'vocab mem' is peak memory above the same run at the toy vocabulary."""
+    vocab = "vocab_mem_mib" in next(iter(compare.values()))
+    ratio = lambda a, b: [x / y for x, y in zip(a, b)]  # noqa: E731
+    lines = [
+        "",
+        f"This checkout vs {Path(other).name if other else 'the other'} (--compare-src), interleaved; "
+        "vocab mem = peak memory per rank above the same run at the toy vocabulary.",
+        "",
+        "| method | step time (s) this / other | ratio | peak mem/rank (MiB) this / other | ratio |"
+        + (" vocab mem (MiB) this / other | other / this |" if vocab else "")
+        + " max loss diff |",
+        "|---|---|---|---|---|" + ("---|---|" if vocab else "") + "---|",
+    ]
+    for m, row in compare.items():
+        (ta, tb), (ma, mb) = row["step_time_s"], row["peak_mem_mib"]
+        cells = [
+            f"{_spread(ta)} / {_spread(tb)}",
+            _spread(ratio(ta, tb)),
+            f"{_spread(ma)} / {_spread(mb)}",
+            _spread(ratio(ma, mb)),
+        ]
+        if vocab:
+            va, vb = row["vocab_mem_mib"]
+            cells += [f"{_spread(va)} / {_spread(vb)}", _spread(ratio(vb, va))]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {row['max_loss_diff']:.2e} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,6 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-sae", type=int, default=2048)
+    p.add_argument("--arch", default="llama", choices=["llama", "gemma2"])
+    p.add_argument("--vocab", type=int, help="model vocabulary, e.g. 256000 (Gemma-2); default: the toy tokenizer's")
+    p.add_argument("--seq", type=int, default=64, help="data.max_length; prompts keep at most half")
+    p.add_argument("--pairs", type=int, default=2048, help="training pairs in the toy world")
+    p.add_argument("--compare-src", help="another checkout of fpo-ds: every method runs under both, interleaved")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (simpo and fpo always run)")
     p.add_argument("--ds-config", help="default: zero3_bf16 on GPU, zero3_fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, for MFU (989 for H100/H200 bf16)")

@@ -13,8 +13,8 @@ Per-GPU memory, itemised:
   activations    per decoder layer and token: ACT_BYTES_PER_H * hidden bytes without activation
                  checkpointing (attention scores not kept: sdpa/flash); with checkpointing, each
                  layer keeps its input (2 * hidden bytes) plus one layer's full activations
-  logits         (2 * micro) sequences x max_length x vocab x LOGIT_BYTES (16-bit logits, their
-                 fp32 upcast in log-softmax and its gradient)
+  logits         one LM-head chunk: min(LOGIT_CHUNK, tokens) positions x vocab x LOGIT_BYTES (the
+                 log-probs run on response positions only, a chunk at a time, recomputed in backward)
   SAE shard      d_in * ceil(d_sae / G) fp32 encoder columns, G = the encoder's shard group (FPO)
   SAE encode     the group's response tokens gathered in fp32 (G x tokens x (d_in + 1)), the bits
                  of which features fired (G x tokens x width / 8) and one chunk's pre-activations
@@ -36,7 +36,10 @@ from fpo_ds import config as C
 from fpo_ds.tools import comms
 
 ACT_BYTES_PER_H = 34  # Korthikanti et al. (2022): ~34 s*b*h bytes per layer in 16-bit, no score tensor
-LOGIT_BYTES = 2 + 4 + 4
+# Per logit of one LM-head chunk at backward's peak: the 16-bit matmul output (tanh'd in place under
+# softcapping), the fp32 softmax turned into the gradient, Gemma-2's fp32 softcap slope, and the
+# gradient cast back to 16 bits for the two matmuls.
+LOGIT_BYTES = 2 + 4 + 4 + 2
 GIB = 2**30
 GB = 1e9
 
@@ -46,6 +49,8 @@ def estimate(
 ) -> dict:
     """Bytes per GPU for each item, plus host bytes for the cache part."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from fpo_ds.losses import LOGIT_CHUNK  # here, not at the top: `fpo-ds plan --help` stays fast (no torch)
 
     world = nodes * gpus
     zero = comms.zero_settings(recipe.deepspeed.config)
@@ -72,13 +77,14 @@ def estimate(
         "model_states": states,
         "zero_buffers": buffers,
         "activations": acts,
-        "logits": tokens * nums["vocab"] * LOGIT_BYTES,
+        "logits": min(LOGIT_CHUNK, tokens) * nums["vocab"] * LOGIT_BYTES,
     }
     method, live = recipe.loss.method, recipe.loss.reference == "live"
     if method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live):
         out["reference"] = 2 * nums["params"] // world + 2 * nums["largest_layer"]
         if method in ("tdpo1", "tdpo2"):
-            out["reference"] += tokens * nums["vocab"] * 4  # the reference's full-vocabulary distributions
+            # the KL's chunk: the reference's 16-bit and fp32 logits and the KL's two fp32 temporaries
+            out["reference"] += min(LOGIT_CHUNK, tokens) * nums["vocab"] * (2 + 4 + 4 + 4)
     if method == "fpo" and d_sae:
         out.update(_sae_memory(d_sae, h, tokens, comms.shard_group_size(shard_group, comms.Topology(nodes, gpus))))
         k_cache = recipe.cache.k_cache or 4 * recipe.sae.k
