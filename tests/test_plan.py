@@ -255,3 +255,9 @@ def test_memory_items_use_the_shard_group():
 
     assert shard("node") == 2304 * 2048 * 4 and shard("world") == 2304 * 1024 * 4 and shard("none") == 2304 * 16384 * 4
     assert "hpz_secondary" in plan.estimate(_recipe("zero3pp_bf16.json"), NUMS, 2, 8, d_sae=16384)
+
+
+def test_plan_exits_nonzero_when_the_recipe_does_not_fit(capsys):
+    with pytest.raises(SystemExit) as e:
+        plan.main(["recipes/gemma-2-2b.yaml", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem", "4"])
+    assert e.value.code == plan.EXIT_DOES_NOT_FIT and "does NOT fit" in capsys.readouterr().out

@@ -81,7 +81,7 @@ def _world(out: Path, args) -> Path:
     if args.seq > 64:
         rows = long_rows(args.pairs, args.seq, seed=0)
         (world / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if args.vocab or args.seq > 256:  # toy.tiny_config's models hold 256 positions
+    if args.vocab or args.seq > 256 or args.shape:  # toy.tiny_config's models hold 256 positions
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(world / "model")
@@ -91,12 +91,37 @@ def _world(out: Path, args) -> Path:
     return world
 
 
+def shape_config(hub_id: str, tok, hidden: int | None = None, layers: int | None = None):
+    """A shipped model's architecture (tools/shapes.py: no download), optionally shrunk for a CPU dry run.
+
+    `hidden` narrows the model keeping its head count (head_dim = hidden / heads, MLP 4x); `layers`
+    cuts its depth. The vocabulary stays the model's own; the toy tokenizer's ids are a subset.
+    """
+    from fpo_ds.tools import shapes
+
+    cfg = shapes.model_config(hub_id)
+    if hidden:
+        cfg.hidden_size, cfg.intermediate_size = hidden, 4 * hidden
+        cfg.head_dim = hidden // cfg.num_attention_heads
+        if hasattr(cfg, "query_pre_attn_scalar"):
+            cfg.query_pre_attn_scalar = cfg.head_dim
+    if layers:
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:layers]
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    return cfg
+
+
 def _write_model(path: Path, args, vocab: int, tok) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = toy.tiny_config(args.arch, vocab, tok, args.hidden, args.layers)
+    if args.shape:
+        cfg = shape_config(args.shape, tok, args.shrink_hidden, args.shrink_layers)
+    else:
+        cfg = toy.tiny_config(args.arch, vocab, tok, args.hidden, args.layers)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -118,6 +143,7 @@ def _overrides(world: Path, out: Path, extra: dict, args) -> list[str]:
         "logging.every": 10**6,
         "deepspeed.config": args.ds_config,
         "sae.path": out / "sae",
+        "model.gradient_checkpointing": args.checkpointing,
         "sae.k": 50,
         "cache.dir": out / "cache",
         **extra,
@@ -391,7 +417,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (simpo and fpo always run)")
     p.add_argument("--ds-config", help="default: zero3_bf16 on GPU, zero3_fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak, for MFU (989 for H100/H200 bf16)")
+    p.add_argument("--shape", help="a shipped model's architecture with random weights, e.g. google/gemma-2-2b")
+    p.add_argument("--shrink-hidden", type=int, help="with --shape: narrow it to this width (CPU dry run)")
+    p.add_argument("--shrink-layers", type=int, help="with --shape: keep this many blocks (CPU dry run)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (gradient_checkpointing)")
     args = p.parse_args(argv)
+    if args.shape:  # the SAE reads the last block of the model actually built
+        from fpo_ds.tools import shapes
+
+        cfg = shapes.model_config(args.shape)
+        args.arch = cfg.model_type if cfg.model_type in ("llama", "gemma2") else args.arch
+        args.hidden = args.shrink_hidden or cfg.hidden_size
+        args.layers = args.shrink_layers or cfg.num_hidden_layers
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")

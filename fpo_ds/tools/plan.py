@@ -41,6 +41,7 @@ ACT_BYTES_PER_H = 34  # Korthikanti et al. (2022): ~34 s*b*h bytes per layer in 
 # gradient cast back to 16 bits for the two matmuls.
 LOGIT_BYTES = 2 + 4 + 4 + 2
 GIB = 2**30
+EXIT_DOES_NOT_FIT = 3
 GB = 1e9
 
 
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{recipe.model.name_or_path}: {shape.params / 1e6:,.1f}M params, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}; {args.nodes} x {args.gpus_per_node} GPUs; {recipe.deepspeed.config}"
     )
-    _print_memory(recipe, shape, topo, d_sae, group, args.gpu_mem)
+    fits = _print_memory(recipe, shape, topo, d_sae, group, args.gpu_mem)
     if recipe.loss.method == "fpo":
         size = comms.shard_group_size(group, topo)
         print(f"SAE: {d_sae or 'unknown (pass --d-sae)'} features ({source}); shard group {group} = {size} ranks")
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     zeropp = comms.step_time(recipe, shape, topo, pp, d_sae, mfu, args.peak_tflops)
     for line in comm_advice(timed, step, zeropp, topo):
         print(f"- {line}")
+    if not fits:  # scripts that ask "does it fit?" read the exit status
+        raise SystemExit(EXIT_DOES_NOT_FIT)
 
 
 def _print_weak(recipe, shape, topo: comms.Topology, d_sae, wl: comms.Workload, mfu: float, peak: float, kw: dict):
@@ -302,13 +305,16 @@ def _topk(args, recipe, shapes) -> int:
     return args.sae_topk if args.sae_topk is not None else shapes.sae_topk(recipe.sae)
 
 
-def _print_memory(recipe, shape, topo: comms.Topology, d_sae, group, gpu_mem: float) -> None:
+def _print_memory(recipe, shape, topo: comms.Topology, d_sae, group, gpu_mem: float) -> bool:
+    """Print the memory table and advice; True when the recipe fits."""
     items = estimate(recipe, shape._asdict(), topo.nodes, topo.gpus, d_sae, group)
     print("Memory per GPU:")
     for k, v in items.items():
         print(f"  {k:24s} {v / GIB:8.2f} GiB {v / 2**20:12,.1f} MiB")
-    for line in advice(items, recipe, gpu_mem * GIB):
+    lines = advice(items, recipe, gpu_mem * GIB)
+    for line in lines:
         print(f"  {line}")
+    return not lines[0].startswith("does NOT fit")
 
 
 def _print_step(
