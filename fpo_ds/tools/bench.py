@@ -332,8 +332,9 @@ def markdown(result: dict) -> str:
     cfg = result["config"]
     mfu = "mfu" in next(iter(result["methods"].values()))
     lines = [
-        f"# fpo-ds bench: {cfg.get('arch', 'llama')}-style h{cfg['hidden']} x {cfg['layers']} layers, "
-        f"vocabulary {cfg.get('vocab') or 'toy'} ({result['params'] / 1e6:.1f}M params), {cfg.get('seq', 64)} tokens, "
+        f"# fpo-ds bench: {cfg.get('shape') or cfg.get('arch', 'llama') + '-style'} h{cfg['hidden']} x "
+        f"{cfg['layers']} layers, vocabulary {cfg.get('vocab') or ('its own' if cfg.get('shape') else 'toy')} "
+        f"({result['params'] / 1e6:.1f}M params), {cfg.get('seq', 64)} tokens, "
         f"SAE {cfg['d_sae']} features, {cfg['nproc']} ranks, "
         f"micro {cfg['micro']}, {cfg['repeats']} repeats (median [min, max]), {cfg.get('device', '?')}",
         "",
