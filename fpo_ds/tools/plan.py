@@ -228,34 +228,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--d-sae", type=int, help="SAE width (default: sae-lens registry, else sae.path's cfg.json)")
     p.add_argument("--sae-topk", type=int, help="k of a TopK SAE (default: sae.path's cfg.json; 0 otherwise)")
     p.add_argument("--shard-group", help="SAE encoder shard group: node, world, none or a rank count (default: recipe)")
-    p.add_argument(
-        "--intra-gbps",
-        type=float,
-        default=comms.INTRA_GBPS,
-        help="in-node bus bandwidth per GPU, GB/s (360: NVLink 4 moves 450 per direction, NCCL ~80%%)",
-    )
-    p.add_argument(
-        "--inter-gbps",
-        type=float,
-        default=comms.INTER_GBPS,
-        help="network bandwidth per GPU's NIC, GB/s (40: InfiniBand NDR 400 Gb/s = 50, ~80%%)",
-    )
-    p.add_argument(
-        "--peak-tflops", type=float, default=comms.PEAK_TFLOPS, help="dense peak per GPU (989: H100 SXM bf16)"
-    )
-    p.add_argument("--mfu", type=float, help="compute-only MFU (default: bench/results if comparable, else assumed)")
-    p.add_argument(
-        "--prompt-tokens",
-        type=int,
-        default=comms.PROMPT_TOKENS,
-        help="prompt tokens per sequence (200, UltraFeedback-like)",
-    )
-    p.add_argument(
-        "--response-tokens",
-        type=int,
-        default=comms.RESPONSE_TOKENS,
-        help="response tokens per sequence (400, UltraFeedback-like)",
-    )
+    numbers = [  # flag, type, default, help
+        ("--intra-gbps", float, comms.INTRA_GBPS, "in-node bus bandwidth per GPU, GB/s (360: NVLink 4 moves 450 per "
+         "direction, NCCL ~80%%)"),
+        ("--inter-gbps", float, comms.INTER_GBPS, "network bandwidth per GPU's NIC, GB/s (40: InfiniBand NDR 400 Gb/s "
+         "= 50, ~80%%)"),
+        ("--peak-tflops", float, comms.PEAK_TFLOPS, "dense peak per GPU (989: H100 SXM bf16)"),
+        ("--mfu", float, None, "compute-only MFU (default: bench/results if comparable, else assumed)"),
+        ("--prompt-tokens", int, comms.PROMPT_TOKENS, "prompt tokens per sequence (200, UltraFeedback-like)"),
+        ("--response-tokens", int, comms.RESPONSE_TOKENS, "response tokens per sequence (400, UltraFeedback-like)"),
+    ]  # fmt: skip
+    for flag, kind, default, text in numbers:
+        p.add_argument(flag, type=kind, default=default, help=text)
     return p
 
 
