@@ -133,20 +133,25 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them
     assert not (halted / "checkpoints").exists()  # nothing written after the weights became suspect
 
 
-def test_killed_rank_ends_torchrun_job_fast(world, tmp_path):
-    out = tmp_path / "kill"
+def _long_run(world, out: Path, port: int, logged: int) -> subprocess.Popen:
+    """A 2-rank training far longer than any test waits, returned once `logged` steps are in metrics.jsonl."""
     proc = subprocess.Popen(
-        pipeline.torchrun_cmd(2, 29707) + _args(world, out, "train.max_steps=400", "train.epochs=50"),
+        pipeline.torchrun_cmd(2, port) + _args(world, out, "train.max_steps=400", "train.epochs=50"),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    metrics = out / "metrics.jsonl"
-    end = time.time() + 180
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < end:
+    metrics, end = out / "metrics.jsonl", time.time() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= logged) and time.time() < end:
         time.sleep(0.2)
+    return proc
+
+
+def test_killed_rank_ends_torchrun_job_fast(world, tmp_path):
+    out = tmp_path / "kill"
+    proc = _long_run(world, out, 29707, logged=2)
     victim = None
     for p in Path("/proc").iterdir():
         try:
@@ -198,17 +203,7 @@ def _alive(marker: str) -> list[int]:
 
 def test_second_job_is_refused_and_ranks_die_with_their_launcher(world, tmp_path):
     out = tmp_path / "busy"
-    first = subprocess.Popen(
-        pipeline.torchrun_cmd(2, 29711) + _args(world, out, "train.max_steps=400", "train.epochs=50"),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    metrics = out / "metrics.jsonl"
-    end = time.time() + 180
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.time() < end:
-        time.sleep(0.2)
+    first = _long_run(world, out, 29711, logged=1)
     t0 = time.time()
     text = _train(world, out, "train.lr=0.5", "data.seed=3", port=29712, ok=False)
     assert "is in use by another run (host" in text and "nothing was changed" in text, text[-3000:]
@@ -216,7 +211,7 @@ def test_second_job_is_refused_and_ranks_die_with_their_launcher(world, tmp_path
     assert time.time() - t0 < 90 and (out / "recipe.yaml").read_text().count("lr: 0.001") == 1
     assert first.poll() is None  # the first job runs on
     os.kill(first.pid, signal.SIGKILL)  # the launcher dies: its ranks must not outlive it
-    first.wait()
+    first.communicate()  # drain its output and reap it
     time.sleep(10)
     assert _alive(str(out)) == [], "ranks outlived their launcher"
     text = _train(world, out, "train.max_steps=2", port=29713)  # the lock of the dead job is taken over
