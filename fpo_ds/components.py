@@ -105,6 +105,11 @@ def _encoder(recipe: C.Recipe, device: str):
     return encoder, layer
 
 
+def wants_features(recipe: C.Recipe, role: Role) -> bool:
+    """Whether this role loads the SAE: training FPO, or building a cache that stores features."""
+    return recipe.loss.method == "fpo" if role == "train" else cache.has_features(recipe)
+
+
 def load_data(recipe: C.Recipe) -> tuple[object, list[data.Pair], str]:
     """The tokenizer, the tokenised pairs and the dataset fingerprint.
 
@@ -173,9 +178,8 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
         dist.log(f"warning: {warning}")
     if t.warmup_steps > steps and t.max_steps is None:
         dist.log(f"warning: train.warmup_steps={t.warmup_steps} exceeds the run's {steps} steps (lr < train.lr)")
-    wants_features = recipe.loss.method == "fpo" if role == "train" else cache.has_features(recipe)
     encoder = layer = None
-    if wants_features:
+    if wants_features(recipe, role):
         import_sae_lens()
         encoder, layer = _encoder(recipe, device)
     obj = reference = None

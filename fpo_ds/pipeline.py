@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fpo_ds import cache, cache_build, components, dist, train
+from fpo_ds import cache_build, components, dist, train
 from fpo_ds import config as C
 
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -94,8 +94,8 @@ def launch(stages: list[dict], plan_path: Path, nproc: int, quiet: bool = False)
 
 
 def needs_sae(stage: dict) -> bool:
-    recipe = C.load(stage["recipe"], stage.get("overrides", []))
-    return recipe.loss.method == "fpo" or (stage["stage"] == "build-cache" and cache.has_features(recipe))
+    role = "cache" if stage["stage"] == "build-cache" else "train"
+    return components.wants_features(C.load(stage["recipe"], stage.get("overrides", [])), role)
 
 
 def run_stage(stage: dict):
