@@ -54,8 +54,27 @@ def head_logps(
     with logits for `chunk` (default LOGIT_CHUNK) positions at a time, in forward and
     (recomputed) in backward.
     """
-    chunk = chunk or LOGIT_CHUNK
-    return _HeadLogps.apply(hidden, weight, targets, softcap, chunk, None, None, contextlib.nullcontext)[0]
+    return head_outputs(hidden, weight, targets, softcap, chunk=chunk)[0]
+
+
+def head_outputs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    softcap: float | None = None,
+    ref: tuple[Tensor, Tensor] | None = None,
+    gather_ref: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs, KL to a reference, mean logits. -> (n,), (n,) or (0,), (n,).
+
+    `head_logps`; given `ref` = (ref_hidden, ref_weight), `head_logps_kl`'s KL (else an empty
+    tensor); and each position's mean logit over the vocabulary, without gradient. The mean logit
+    is what TRL logs as `logits/chosen` and `logits/rejected` (averaged over response tokens); it
+    costs one sum over each chunk's logits, which exist anyway.
+    """
+    ref_hidden, ref_weight = (ref[0].detach(), ref[1]) if ref is not None else (None, None)
+    return _HeadLogps.apply(hidden, weight, targets, softcap, chunk or LOGIT_CHUNK, ref_hidden, ref_weight, gather_ref)
 
 
 def head_logps_kl(
@@ -76,8 +95,7 @@ def head_logps_kl(
     `gather_ref()` is entered around each pass that reads `ref_weight` (under ZeRO-3 it
     all-gathers that partitioned weight): once in forward, once in backward.
     """
-    chunk = chunk or LOGIT_CHUNK
-    return _HeadLogps.apply(hidden, weight, targets, softcap, chunk, ref_hidden.detach(), ref_weight, gather_ref)
+    return head_outputs(hidden, weight, targets, softcap, (ref_hidden, ref_weight), gather_ref, chunk)[:2]
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
@@ -141,11 +159,13 @@ class _HeadLogps(torch.autograd.Function):
         has_ref = ref_hidden is not None
         logps, lse = hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
         kl = hidden.new_zeros(n if has_ref else 0, dtype=acc)
+        mean_logit = hidden.new_empty(n, dtype=acc)
         ref_lse = hidden.new_empty(n, dtype=acc) if has_ref else None
         with gather_ref() if has_ref else contextlib.nullcontext():
             for s, e in _chunks(n, chunk):
                 z = _chunk_logits(hidden[s:e], weight, softcap)
                 picked = z.gather(1, targets[s:e, None]).squeeze(1)
+                mean_logit[s:e] = z.mean(-1)
                 lse[s:e] = torch.logsumexp(z, -1) if has_ref else _logsumexp_(z)  # the KL needs z intact
                 logps[s:e] = picked - lse[s:e]
                 if has_ref:
@@ -154,12 +174,11 @@ class _HeadLogps(torch.autograd.Function):
                     kl[s:e] = _kl_rows(zr.sub_(ref_lse[s:e, None]), z.sub_(lse[s:e, None]))
         ctx.save_for_backward(hidden, weight, targets, lse, ref_hidden, ref_lse)
         ctx.softcap, ctx.chunk, ctx.ref_weight, ctx.gather_ref = softcap, chunk, ref_weight, gather_ref
-        if not has_ref:
-            ctx.mark_non_differentiable(kl)
-        return logps, kl
+        ctx.mark_non_differentiable(mean_logit, *([] if has_ref else [kl]))
+        return logps, kl, mean_logit
 
     @staticmethod
-    def backward(ctx, g_logps, g_kl):
+    def backward(ctx, g_logps, g_kl, _g_mean_logit):
         hidden, weight, targets, lse, ref_hidden, ref_lse = ctx.saved_tensors
         has_ref = ref_hidden is not None
         d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None

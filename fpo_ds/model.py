@@ -49,6 +49,7 @@ class SeqOut(NamedTuple):
     sum_logps: torch.Tensor  # (2b,)
     n_tokens: torch.Tensor  # (2b,)
     kl: torch.Tensor | None = None  # (2b,) D_SeqKL(ref || this model), when a reference head was given (TDPO)
+    sum_mean_logits: torch.Tensor | None = None  # (2b,) per-position vocabulary-mean logits, summed (no gradient)
     ref_head: RefHead | None = None  # this model as TDPO's reference (keep_hidden=True)
     features: torch.Tensor | None = None  # (2b, d_sae) pooled SAE features (FPO; set by the trainer)
 
@@ -60,6 +61,7 @@ class Response(NamedTuple):
     n_tokens: torch.Tensor  # (2b,)
     kl: torch.Tensor | None  # (2b,)
     hidden: torch.Tensor | None  # (n, d) final hidden states at the response positions, detached
+    sum_mean_logits: torch.Tensor  # (2b,) vocabulary-mean logits summed over the response, detached
 
 
 class Logits(NamedTuple):
@@ -102,7 +104,8 @@ class ResponseHead(torch.nn.Module):
 
     Called with hidden states only it returns the model's logits (softcapped as its forward
     does). Called with targets it returns per-position log-probs (n,) computed chunk by chunk
-    (losses.head_logps); with a reference head, (n, 2): log-probs and the KL to the reference.
+    (losses.head_outputs) as (n, 2): log-probs and the vocabulary-mean logit; with a reference
+    head, (n, 3): also the KL to the reference.
     Under ZeRO-3 this module's own hooks all-gather the weight before its forward (one gather
     for all chunks) and, unless it is still whole, before its backward, as for the nn.Linear it
     stands in for; the reference's weight, which belongs to another engine, is all-gathered
@@ -116,15 +119,12 @@ class ResponseHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, ref: RefHead | None = None):
         if targets is None:
             return L.capped_logits(torch.nn.functional.linear(hidden, self.weight), self.softcap)
-        if ref is None:
-            return L.head_logps(hidden, self.weight, targets, self.softcap)
-        w_ref = ref.head.weight
-        logps, kl = L.head_logps_kl(
-            hidden, self.weight, targets, ref.hidden, w_ref, self.softcap, gather_ref=lambda: _gathered(w_ref)
-        )
+        pair = (ref.hidden, ref.head.weight) if ref is not None else None
+        gather = (lambda: _gathered(ref.head.weight)) if ref is not None else contextlib.nullcontext
+        logps, kl, mean_logit = L.head_outputs(hidden, self.weight, targets, self.softcap, pair, gather)
         # One output tensor: ZeRO-3 hooks a module's backward once per output tensor, and a second
         # hook would enter this module twice in its recorded backward trace.
-        return torch.stack([logps, kl], -1)
+        return torch.stack([logps, mean_logit] + ([kl] if ref is not None else []), -1)
 
 
 def _per_sequence(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -155,11 +155,12 @@ class ResponseLM(torch.nn.Module):
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX  # (B, T-1): the response positions
         h = hidden[:, :-1][mask]  # (n, d), row by row
-        out = self.lm_head(h, targets[mask], ref=ref)  # (n,), or (n, 2) with the KL
-        logps, kl = out.unbind(-1) if ref is not None else (out, None)
+        out = self.lm_head(h, targets[mask], ref=ref).unbind(-1)  # (n,) x 2, or x 3 with the KL
+        logps, mean_logit, kl = out if ref is not None else (*out, None)
         n_tokens = mask.sum(-1).to(logps.dtype)
         kl = _per_sequence(kl, mask) if kl is not None else None
-        return Response(_per_sequence(logps, mask), n_tokens, kl, h.detach() if keep_hidden else None)
+        hidden = h.detach() if keep_hidden else None
+        return Response(_per_sequence(logps, mask), n_tokens, kl, hidden, _per_sequence(mean_logit.detach(), mask))
 
 
 def _preload_model_code() -> None:
@@ -272,7 +273,8 @@ def sequence_logps(model, batch: Batch, ref: RefHead | None = None, keep_hidden:
         ref=ref,
         keep_hidden=keep_hidden,
     )
-    return SeqOut(out.sum_logps, out.n_tokens, out.kl, RefHead(out.hidden, lm.lm_head) if keep_hidden else None)
+    ref_head = RefHead(out.hidden, lm.lm_head) if keep_hidden else None
+    return SeqOut(out.sum_logps, out.n_tokens, out.kl, out.sum_mean_logits, ref_head)
 
 
 def decoder_layers(model):

@@ -156,6 +156,24 @@ def test_sequence_values_and_kl_match(worlds, variant):
     assert got.ref_head is None
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_mean_logits_match_the_hf_forward(worlds, monkeypatch, variant, with_kl):
+    """TRL's logits/*: per sequence, the sum over response positions of the vocabulary-mean logit."""
+    arch, cap = VARIANTS[variant]
+    monkeypatch.setattr(L, "LOGIT_CHUNK", 7)
+    pol, ref = _models(worlds[arch], cap)
+    batch = _batch(worlds[arch], 4)
+    mask = batch.labels[:, 1:] != L.IGNORE_INDEX
+    with torch.no_grad():
+        logits = pol(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        want = (logits.float().mean(-1) * mask).sum(-1)
+        r = M.sequence_logps(ref, batch, keep_hidden=True) if with_kl else None
+        got = M.sequence_logps(pol, batch, r.ref_head if r else None)
+    torch.testing.assert_close(got.sum_mean_logits, want, **TOL)
+    assert want.abs().min() > 1e-4  # not vacuous
+
+
 def test_response_lm_keeps_hf_names_logits_and_blocks(worlds):
     pol, _ = _models(worlds["gemma2"], "keep")
     wrapped = M.ResponseLM(pol)
