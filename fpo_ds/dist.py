@@ -118,6 +118,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Ranks on this node (the launcher's LOCAL_WORLD_SIZE; the world when it sets none)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 class Group(NamedTuple):
     """A block of consecutive ranks that shares work (the SAE encoder's shard group)."""
 
@@ -151,8 +156,7 @@ def block_groups(spec: str | int) -> Group:
     """
     import torch.distributed as tdist
 
-    me, world = rank(), world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    me, world, local_world = rank(), world_size(), local_world_size()
     size = group_size(spec, world, local_world)
     first = me - me % size
     ranks = tuple(range(first, first + size))

@@ -41,7 +41,7 @@ def total_steps(n_pairs: int, train_cfg) -> int:
 
 
 def path(name: str) -> Path:
-    """`deepspeed.config` as given (relative to the working directory), else the bundled JSON.
+    """`deepspeed.config` (not `auto`) as given (relative to the working directory), else the bundled JSON.
 
     The fallback is ds_configs/ of this repository, by file name, so a recipe runs from any
     directory (multi-node launchers start the ranks elsewhere).
@@ -56,8 +56,13 @@ def path(name: str) -> Path:
     raise FileNotFoundError(f"deepspeed.config: {p} not found in {Path.cwd()}, nor bundled in {BUNDLED} ({names})")
 
 
-def build(name: str, global_batch: int, micro_batch: int, world: int) -> dict:
-    """Systems settings from the JSON plus the batch keys derived from the recipe."""
+AUTO = "auto"  # deepspeed.config value: fpo_ds.zero_auto picks stage, precision and buckets
+
+
+def build(name: str, global_batch: int, micro_batch: int, world: int, systems: dict | None = None) -> dict:
+    """Systems settings from the JSON (or `systems`, what `auto` chose) plus the batch keys from the recipe."""
+    if systems is not None:
+        return _with_batch(dict(systems), global_batch, micro_batch, world)
     p = path(name)
     try:
         cfg = json.loads(p.read_text())
@@ -72,6 +77,10 @@ def build(name: str, global_batch: int, micro_batch: int, world: int) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ValueError(f"{p}: remove '{key}'; the optimizer and LR schedule come from the recipe's train section")
+    return _with_batch(cfg, global_batch, micro_batch, world)
+
+
+def _with_batch(cfg: dict, global_batch: int, micro_batch: int, world: int) -> dict:
     cfg.update(
         train_batch_size=global_batch,
         train_micro_batch_size_per_gpu=micro_batch,

@@ -34,8 +34,8 @@ import math
 
 from fpo_ds import config as C
 from fpo_ds.tools import comms
+from fpo_ds.zero_auto import ACT_BYTES_PER_H
 
-ACT_BYTES_PER_H = 34  # Korthikanti et al. (2022): ~34 s*b*h bytes per layer in 16-bit, no score tensor
 # Per logit of one LM-head chunk at backward's peak: the 16-bit matmul output (tanh'd in place under
 # softcapping), the fp32 softmax turned into the gradient, Gemma-2's fp32 softcap slope, and the
 # gradient cast back to 16 bits for the two matmuls.
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = C.load(args.recipe, args.overrides)
     shape = shapes.model_shape(recipe.model.name_or_path)
     topo = comms.Topology(args.nodes, args.gpus_per_node, args.intra_gbps, args.inter_gbps)
+    recipe = _resolve_auto(recipe, shape, topo, args.gpu_mem)
     group = args.shard_group or recipe.sae.shard_group
     d_sae, source = shapes.sae_width(recipe.sae, shape.hidden, args.d_sae)
     d_sae = d_sae if recipe.loss.method == "fpo" else None
@@ -273,6 +274,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {line}")
     if not fits:  # scripts that ask "does it fit?" read the exit status
         raise SystemExit(EXIT_DOES_NOT_FIT)
+
+
+def _resolve_auto(recipe: C.Recipe, shape, topo: comms.Topology, gpu_mem: float) -> C.Recipe:
+    """deepspeed.config=auto: say what it picks on these GPUs; the plan then models the ZeRO-3 bf16 JSON."""
+    import dataclasses
+
+    from fpo_ds import ds_config, zero_auto
+
+    if recipe.deepspeed.config != ds_config.AUTO:
+        return recipe
+    facts = zero_auto.ModelFacts(shape.params, shape.hidden, shape.layers, shape.vocab)
+    choice = zero_auto.choose(recipe, facts, topo.nodes * topo.gpus, int(gpu_mem * GIB), bf16=True)
+    print(choice.reason)
+    zero3 = "ds_configs/zero3_bf16.json"
+    if choice.systems["zero_optimization"]["stage"] == 2:
+        print(f"(the plan models ZeRO-3 runs: below is {zero3}, what auto would pick on smaller GPUs)")
+    return dataclasses.replace(recipe, deepspeed=dataclasses.replace(recipe.deepspeed, config=zero3))
 
 
 def _print_weak(recipe, shape, topo: comms.Topology, d_sae, wl: comms.Workload, mfu: float, peak: float, kw: dict):

@@ -1,0 +1,123 @@
+"""`deepspeed.config: auto`: pick the ZeRO stage, precision and bucket sizes for this model and machine.
+
+ZeRO-3 partitions the parameters, so every forward and backward all-gathers them module by
+module: on a model whose states fit whole on each accelerator that is pure overhead (on small
+models it doubles the step time). So auto takes ZeRO-2 (gradients and optimizer states
+partitioned, parameters whole) when a rank's peak under ZeRO-2 fits in FIT_FRACTION of its
+memory, and ZeRO-3 otherwise. Per rank, under ZeRO-2:
+
+    weights            P x w             (w: 2 bytes in bf16, 4 in fp32)
+    gradients          P x w             (whole before the reduce-scatter, in the worst case)
+    optimizer states   P x (8 + m) / N   (Adam's two fp32 moments; m = 4 for bf16's fp32 master copy)
+    live reference     P x w             (DPO/IPO with loss.reference=live, TDPO)
+    activations        tokens x hidden x ACT_BYTES_PER_H x layers (x w / 2), or with checkpointing
+                       tokens x hidden x (2 x layers + ACT_BYTES_PER_H) (x w / 2)
+    logits             one LM-head chunk: min(LOGIT_CHUNK, tokens) x vocab x 12 bytes
+
+Memory is the accelerator's (CUDA: the device's total), on the CPU accelerator the host's RAM
+shared by the node's ranks. Precision: bf16 where the accelerator supports it, fp32 on the CPU.
+Buckets: DeepSpeed's defaults (5e8 elements) allocate buffers sized for billion-parameter
+models; auto caps them at the model's parameter count.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+ACT_BYTES_PER_H = 34  # Korthikanti et al. (2022): ~34 s*b*h bytes per layer in 16-bit, no score tensor
+FIT_FRACTION = 0.8  # headroom for the allocator, the comm buffers and what the estimate leaves out
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce/allgather bucket default (elements)
+
+
+class ModelFacts(NamedTuple):
+    params: int
+    hidden: int
+    layers: int
+    vocab: int
+
+
+class Choice(NamedTuple):
+    systems: dict  # the DeepSpeed JSON auto stands for (no batch keys)
+    reason: str  # one line for the log and run_info.json
+
+
+def model_facts(model_cfg) -> ModelFacts:
+    """Parameter count and shape from the model's config, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fpo_ds import model as M
+
+    cfg = M.load_config(model_cfg)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg)
+    params = sum(p.numel() for p in lm.parameters())
+    return ModelFacts(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size)
+
+
+def zero2_bytes(recipe, facts: ModelFacts, world: int, item: int) -> dict[str, int]:
+    """Per-rank peak items under ZeRO-2 (module docstring); `item`: bytes per parameter (2 or 4)."""
+    from fpo_ds.losses import LOGIT_CHUNK
+
+    p = facts.params
+    master = 4 if item == 2 else 0
+    tokens = 2 * recipe.train.micro_batch_size * recipe.data.max_length
+    per_layer = 2 * facts.layers + ACT_BYTES_PER_H if recipe.model.gradient_checkpointing else (
+        ACT_BYTES_PER_H * facts.layers
+    )
+    out = {
+        "weights": p * item,
+        "gradients": p * item,
+        "optimizer": p * (8 + master) // world,
+        "activations": tokens * facts.hidden * per_layer * item // 2,
+        "logits": min(LOGIT_CHUNK, tokens) * facts.vocab * 12,
+    }
+    method, live = recipe.loss.method, recipe.loss.reference == "live"
+    if method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live):
+        out["reference"] = p * item
+    return out
+
+
+def choose(recipe, facts: ModelFacts, world: int, memory_bytes: int, bf16: bool) -> Choice:
+    """ZeRO-2 when its per-rank peak fits in FIT_FRACTION of `memory_bytes`, else ZeRO-3 (pure)."""
+    item = 2 if bf16 else 4
+    need = sum(zero2_bytes(recipe, facts, world, item).values())
+    bucket = int(min(DEFAULT_BUCKET, max(facts.params, 1)))
+    fits = need <= FIT_FRACTION * memory_bytes
+    zero = {"stage": 2 if fits else 3, "overlap_comm": True, "contiguous_gradients": True}
+    zero["reduce_bucket_size"] = bucket
+    if fits:
+        zero["allgather_bucket_size"] = bucket
+    else:
+        zero["stage3_prefetch_bucket_size"] = int(min(50_000_000, bucket))
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    systems = {"zero_optimization": zero, "gradient_clipping": 1.0}
+    if bf16:
+        systems["bf16"] = {"enabled": True}
+    gib = 2**30
+    reason = (
+        f"deepspeed.config=auto: ZeRO-{zero['stage']}, {'bf16' if bf16 else 'fp32'}, buckets {bucket:,} elements: "
+        f"{facts.params:,} parameters need ~{need / gib:.2f} GiB per rank under ZeRO-2, "
+        f"{'within' if fits else 'over'} {FIT_FRACTION:.0%} of {memory_bytes / gib:.1f} GiB per rank"
+    )
+    return Choice(systems, reason)
+
+
+def rank_memory(accelerator: str, local_world: int) -> int:
+    """Bytes one rank may use: the CUDA device's total, or on the CPU the host's RAM over the node's ranks."""
+    if accelerator == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world, 1)
+
+
+def resolve(recipe, world: int, local_world: int) -> Choice:
+    """The choice for this run: model facts from its config, memory and precision from the accelerator."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    name = acc.device_name()
+    bf16 = name != "cpu" and acc.is_bf16_supported()
+    return choose(recipe, model_facts(recipe.model), world, rank_memory(name, local_world), bf16)
