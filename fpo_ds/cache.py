@@ -8,6 +8,8 @@ Layout (`cache.dir`):
     part-00000-of-00002.safetensors   rank r's rows: the pairs rank r trains on (epoch order)
     recipe.yaml                       the resolved recipe that built it
     manifest.json                     written last: fingerprint, parts, sha256 and row counts
+    eval/                             with held-out pairs (data.eval_split / eval_fraction): the same
+                                      layout for them, rank r holding held-out positions r, r+W, ...
 
 The directory is built under `<dir>.partial` and renamed into place, so a crash never
 leaves a directory that looks complete. This module defines the format and reads it; the
@@ -106,6 +108,14 @@ def approximation_note(manifest: dict) -> str | None:
     )
 
 
+EVAL_DIR = "eval"  # the held-out pairs' cache: a complete cache of its own inside cache.dir
+
+
+def part_dir(cache_dir: Path, part: str) -> Path:
+    """Where a data part's cache lives: cache.dir for the training pairs, cache.dir/eval for the held-out ones."""
+    return cache_dir / EVAL_DIR if part == "eval" else cache_dir
+
+
 def part_name(rank: int, world: int) -> str:
     return f"part-{rank:05d}-of-{world:05d}.safetensors"
 
@@ -122,8 +132,8 @@ def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]
 class Reader:
     """Rank-local view of the cache: loads only the parts holding this rank's pairs."""
 
-    def __init__(self, recipe: C.Recipe, tokenizer, dataset_fingerprint: str, device="cpu"):
-        self.dir, self.device = Path(recipe.cache.dir), device
+    def __init__(self, recipe: C.Recipe, tokenizer, dataset_fingerprint: str, device="cpu", part: str = "train"):
+        self.dir, self.device = part_dir(Path(recipe.cache.dir), part), device
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as tdist
@@ -53,7 +54,7 @@ def _approximation(cols: dict, device: str) -> dict:
     stats = torch.tensor([dropped.numel(), material_drops(val, dropped).sum().item()], dtype=torch.float64)
     stats = stats.to(device)
     tdist.all_reduce(stats)
-    top = dropped.max().reshape(1).to(device)
+    top = (dropped.max() if dropped.numel() else torch.zeros(())).reshape(1).to(device)
     tdist.all_reduce(top, op=tdist.ReduceOp.MAX)
     rows, material = (int(x) for x in stats.tolist())
     share = material / max(rows, 1)
@@ -79,75 +80,107 @@ def _claim(final: Path):
 
 def _build(recipe: C.Recipe, final: Path) -> Path:
     c = components.build(recipe, "cache")
-    rank, world = dist.rank(), dist.world_size()
+    rank, world, mb = dist.rank(), dist.world_size(), recipe.train.micro_batch_size
     tmp = final.with_name(final.name + ".partial")
     # Rows are keyed by example id, so each rank runs its pairs longest first: similar lengths pad together.
     lengths = [data.padded_length(p) for p in c.pairs]
     every = [cache.rank_positions(len(c.pairs), recipe, r, world) for r in range(world)]
     every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
+    plan = [[ix[i : i + mb] for ix in every] for i in range(0, len(every[rank]), mb)]
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     tdist.barrier()
-    names = ("example_id", "sum_logps", "n_tokens", "feat_idx", "feat_val", "feat_dropped_max")
-    cols: dict[str, list] = {k: [] for k in names}
-    mb, k = recipe.train.micro_batch_size, cache.k_cache(recipe)
-    t_start = time.perf_counter()
-    progress = metrics.Progress("build-cache (rank 0)", len(every[rank]), "pairs")
-    with torch.no_grad():
-        for i in range(0, len(every[rank]), mb):
-            peers = [[c.pairs[j] for j in ix[i : i + mb]] for ix in every]
-            batch = M.to_device(data.collate(peers[rank], c.tokenizer.pad_token_id), c.device)
-            if c.features:
-                c.features.arm()
-            out = M.sequence_logps(c.engine, batch)
-            cols["example_id"].append(batch.example_ids.cpu())
-            cols["sum_logps"].append(_pair_rows(out.sum_logps.float()).cpu())
-            cols["n_tokens"].append(_pair_rows(out.n_tokens.int()).cpu())
-            if c.features:
-                idx, val, dropped = sparse(c.features.read(batch, peers).features, k)
-                cols["feat_idx"].append(_pair_rows(idx).cpu())
-                cols["feat_val"].append(_pair_rows(val).cpu())
-                cols["feat_dropped_max"].append(_pair_rows(dropped).cpu())
-            progress.update(min(i + mb, len(every[rank])))
-    seconds = time.perf_counter() - t_start  # the reference pass (forward, SAE, top-k), before writing
-    approx = _approximation(cols, c.device) if c.features else None
-    tensors = {key: torch.cat(v) for key, v in cols.items() if v}
-    name = cache.part_name(rank, world)
-    save_file(tensors, str(tmp / name))
-    entry = {"file": name, "rows": len(every[rank]), "sha256": cache.sha256(tmp / name)}
-    entry["bytes"] = (tmp / name).stat().st_size
-    entries = [None] * world
-    tdist.all_gather_object(entries, entry)
+    train_part = _reference_pass(c, c.pairs, plan, "build-cache")
+    if data.has_eval(recipe.data):  # the held-out pairs' own cache, inside this one (cache.EVAL_DIR)
+        _, pairs, fingerprint = components.load_data(recipe, "eval")
+        held_out = _reference_pass(c, pairs, data.eval_plan(len(pairs), mb, world), "build-cache (held-out)")
+        _write(recipe, c, cache.part_dir(tmp, "eval"), held_out, fingerprint, len(pairs))
+    _write(recipe, c, tmp, train_part, c.data_fingerprint, len(c.pairs))
     if rank == 0:
-        _finish(recipe, c, tmp, final, entries, seconds, approx)
+        os.replace(tmp, final)
+        dist.log(f"build-cache: {final} is complete")
     tdist.barrier()
     if c.features:
         c.features.close()
     return final
 
 
-def _finish(recipe: C.Recipe, c, tmp: Path, final: Path, entries: list, seconds: float, approx: dict | None) -> None:
-    """Rank 0: the recipe, then the manifest (written last), then the rename into place."""
-    C.dump(recipe, tmp / "recipe.yaml")
+class Pass(NamedTuple):
+    cols: dict[str, torch.Tensor]  # this rank's rows (example ids, log-probs, token counts, features)
+    seconds: float  # the reference pass (forward, SAE, top-k), before writing
+    approximation: dict | None  # over all ranks (FPO)
+
+
+def _reference_pass(c, pairs: list[data.Pair], plan: list[list[list[int]]], label: str) -> Pass:
+    """Collective: the reference over `plan` (micro-batch -> per-rank positions; -1 pads, never stored)."""
+    rank, k = dist.rank(), cache.k_cache(c.recipe)
+    names = ("example_id", "sum_logps", "n_tokens", "feat_idx", "feat_val", "feat_dropped_max")
+    cols: dict[str, list] = {key: [] for key in names}
+    t_start = time.perf_counter()
+    total = sum(j >= 0 for positions in plan for j in positions[rank])
+    progress, done = metrics.Progress(f"{label} (rank 0)", total, "pairs"), 0
+    with torch.no_grad():
+        for positions in plan:
+            peers = [[pairs[max(j, 0)] for j in ix] for ix in positions]
+            keep = torch.tensor([j >= 0 for j in positions[rank]])
+            batch = M.to_device(data.collate(peers[rank], c.tokenizer.pad_token_id), c.device)
+            if c.features:
+                c.features.arm()
+            out = M.sequence_logps(c.engine, batch)
+            got = {
+                "example_id": batch.example_ids.cpu(),
+                "sum_logps": _pair_rows(out.sum_logps.float()).cpu(),
+                "n_tokens": _pair_rows(out.n_tokens.int()).cpu(),
+            }
+            if c.features:
+                idx, val, dropped = sparse(c.features.read(batch, peers).features, k)
+                got.update(feat_idx=_pair_rows(idx), feat_val=_pair_rows(val), feat_dropped_max=_pair_rows(dropped))
+            for key, value in got.items():
+                cols[key].append(value.cpu()[keep])
+            done += int(keep.sum())
+            progress.update(done)
+    seconds = time.perf_counter() - t_start
+    approx = _approximation(cols, c.device) if c.features else None
+    return Pass({key: torch.cat(v) for key, v in cols.items() if v}, seconds, approx)
+
+
+def _write(recipe: C.Recipe, c, directory: Path, done: Pass, fingerprint: str, n_pairs: int) -> None:
+    """Collective: every rank writes its part into `directory`; rank 0 then the recipe and the manifest (last)."""
+    rank, world = dist.rank(), dist.world_size()
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    tdist.barrier()
+    name = cache.part_name(rank, world)
+    save_file(done.cols, str(directory / name))
+    entry = {"file": name, "rows": int(done.cols["example_id"].shape[0]), "sha256": cache.sha256(directory / name)}
+    entry["bytes"] = (directory / name).stat().st_size
+    entries = [None] * world
+    tdist.all_gather_object(entries, entry)
+    if rank == 0:
+        _manifest(recipe, c, directory, entries, done, fingerprint, n_pairs)
+    tdist.barrier()
+
+
+def _manifest(recipe: C.Recipe, c, directory: Path, entries: list, done: Pass, fingerprint: str, n_pairs: int):
+    """Rank 0: the recipe, then the manifest (written last)."""
+    C.dump(recipe, directory / "recipe.yaml")
     manifest = {
         "format": cache.FORMAT,
-        "fingerprints": cache.fingerprints(recipe, c.tokenizer, c.data_fingerprint),
+        "fingerprints": cache.fingerprints(recipe, c.tokenizer, fingerprint),
         "k_cache": cache.k_cache(recipe) if c.features else None,
         "world_size": dist.world_size(),
         "global_batch_size": recipe.train.global_batch_size,
         "data_seed": recipe.data.seed,
-        "n_pairs": len(c.pairs),
-        "build_seconds": seconds,
-        "approximation": approx,
+        "n_pairs": n_pairs,
+        "build_seconds": done.seconds,
+        "approximation": done.approximation,
         "parts": entries,
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, final)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
     rows = sum(e["rows"] for e in entries)
-    size = sum(e["bytes"] for e in entries)
-    per_pair = size / max(rows, 1)
-    dist.log(f"build-cache: wrote {rows} pairs in {len(entries)} parts to {final} ({per_pair:.0f} bytes/pair)")
+    per_pair = sum(e["bytes"] for e in entries) / max(rows, 1)
+    dist.log(f"build-cache: wrote {rows} pairs in {len(entries)} parts to {directory} ({per_pair:.0f} bytes/pair)")
     note = cache.approximation_note(manifest)
     if note:
         dist.log(note)

@@ -243,7 +243,7 @@ def load(engine, tag_dir: Path) -> dict:
 
 
 def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    """ZeRO checkpoint -> Hugging Face model directory (config, tokenizer, safetensors). Single process."""
+    """ZeRO checkpoint -> Hugging Face model directory (config, tokenizer, safetensors, model card). Single process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -268,6 +268,10 @@ def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     stop_at_end_of_turn(model.generation_config, tokenizer)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    from fpo_ds import model_card
+    from fpo_ds.train import versions  # here: train imports this module
+
+    model_card.write(tag_dir, tmp, json.loads((tag_dir / MARKER).read_text())["step"], versions())
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

@@ -17,9 +17,10 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fpo_ds import cache, data, dist, ds_config, objective
+from fpo_ds import cache, data, dist, ds_config, objective, zero_auto
 from fpo_ds import config as C
 from fpo_ds import model as M
+from fpo_ds.evaluation import EvalSet
 from fpo_ds.features import FeatureReader
 
 Role = Literal["train", "cache"]  # the trainable policy, or the frozen reference whose outputs are cached
@@ -37,6 +38,7 @@ class Components(NamedTuple):
     features: FeatureReader | None  # pooled SAE features of `engine` at the SAE's block
     objective: objective.Objective | None  # train only
     reference: objective.LiveReference | cache.Reader | None  # train only: where reference outputs come from
+    evaluation: EvalSet | None = None  # train only, with held-out pairs (data.eval_split / eval_fraction)
 
 
 def import_sae_lens() -> None:
@@ -62,17 +64,25 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
-def adamw(params, train_cfg, ds_cfg: dict) -> torch.optim.Optimizer:
-    """AdamW: torch's, or DeepSpeed's CPU Adam (AdamW mode) when the JSON offloads the optimizer.
+def make_optimizer(params, train_cfg, ds_cfg: dict) -> torch.optim.Optimizer:
+    """train.optimizer: torch's AdamW or RMSprop; DeepSpeed's CPU Adam (AdamW mode) when the JSON offloads it.
 
     DeepSpeed refuses a torch optimizer under ZeRO-Offload; its CPU Adam is JIT-compiled on first use.
     """
     t = train_cfg
     if ds_config.offloads_optimizer(ds_cfg):
+        if t.optimizer != "adamw":
+            raise ValueError(
+                f"train.optimizer={t.optimizer}: the DeepSpeed JSON offloads the optimizer, and DeepSpeed's "
+                "offloaded optimizers are Adam-family only; use train.optimizer=adamw or a JSON without "
+                "offload_optimizer"
+            )
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         with dist.announce_build(dist.CPU_ADAM_OP, "DeepSpeed's CPU Adam", dist.CPU_ADAM_BUILD):
             return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, adamw_mode=True)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
 
 
@@ -85,7 +95,7 @@ def policy_engine(recipe: C.Recipe, ds_cfg: dict, total_steps: int):
     if recipe.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = recipe.train
-    opt = adamw(policy.parameters(), t, ds_cfg)
+    opt = make_optimizer(policy.parameters(), t, ds_cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, total_steps, t.schedule))
     engine, *_ = deepspeed.initialize(model=M.ResponseLM(policy), optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     del keep
@@ -110,8 +120,8 @@ def wants_features(recipe: C.Recipe, role: Role) -> bool:
     return recipe.loss.method == "fpo" if role == "train" else cache.has_features(recipe)
 
 
-def load_data(recipe: C.Recipe) -> tuple[object, list[data.Pair], str]:
-    """The tokenizer, the tokenised pairs and the dataset fingerprint.
+def load_data(recipe: C.Recipe, part: data.Part = "train") -> tuple[object, list[data.Pair], str]:
+    """The tokenizer, the tokenised pairs (the training rows, or the held-out ones) and their fingerprint.
 
     Tokenised once per run (and reused by later runs on the same rows, tokenizer and lengths):
     rank 0 tokenises with one worker per core into the datasets cache while the others wait,
@@ -119,9 +129,9 @@ def load_data(recipe: C.Recipe) -> tuple[object, list[data.Pair], str]:
     its local rank 0. Collective when torch.distributed is up; plain otherwise.
     """
     tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
-    rows = data.select_rows(recipe.data)
+    rows = data.select_rows(recipe.data, part)
     path = data.tokenized_path(recipe.data, tok, rows)
-    source = f"{recipe.data.path} [{recipe.data.split}]"
+    source = data.rows_source(recipe.data, part)
     _tokenize_once(rows, tok, recipe.data, path, source)
     t0 = time.perf_counter()
     pairs = data.read_tokenized(path, recipe.data.on_bad_row, source, dist.log)
@@ -167,7 +177,12 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
 
     dist.init(recipe.deepspeed.timeout_minutes)
     t, world = recipe.train, dist.world_size()
-    ds_cfg = ds_config.build(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world)
+    systems = None
+    if recipe.deepspeed.config == ds_config.AUTO:
+        choice = zero_auto.resolve(recipe, world, dist.local_world_size())
+        dist.log(choice.reason)
+        systems = choice.systems
+    ds_cfg = ds_config.build(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world, systems)
     ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
     if load_universal:
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -182,7 +197,7 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
     if wants_features(recipe, role):
         import_sae_lens()
         encoder, layer = _encoder(recipe, device)
-    obj = reference = None
+    obj = reference = evaluation = None
     if role == "train":
         from fpo_ds.sae import load_feature_weights
 
@@ -193,6 +208,7 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
             reference = objective.LiveReference(M.frozen_engine(recipe.model, ds_cfg), obj.needs_kl)
         elif obj.ref_kind == "offline":
             reference = cache.Reader(recipe, tok, fingerprint, device)
+        evaluation = _eval_set(recipe, obj, reference, device) if data.has_eval(recipe.data) else None
     else:
         engine = M.frozen_engine(recipe.model, ds_cfg)
     features = FeatureReader(engine.module, layer, encoder) if encoder else None
@@ -202,4 +218,15 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
         f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x {world} ranks x accumulation "
         f"{ds_cfg['gradient_accumulation_steps']}, ZeRO-{ds_config.zero_stage(ds_cfg)}, {ds_config.torch_dtype(ds_cfg)}"
     )
-    return Components(recipe, ds_cfg, device, tok, pairs, fingerprint, steps, engine, features, obj, reference)
+    parts = (recipe, ds_cfg, device, tok, pairs, fingerprint, steps, engine, features, obj, reference)
+    return Components(*parts, evaluation)
+
+
+def _eval_set(recipe: C.Recipe, obj: objective.Objective, reference, device: str) -> EvalSet:
+    """The held-out pairs and their reference: the live one, or the offline cache's held-out part."""
+    tok, pairs, fingerprint = load_data(recipe, "eval")
+    if obj.ref_kind == "offline":
+        reference = cache.Reader(recipe, tok, fingerprint, device, part="eval")
+    source = data.rows_source(recipe.data, "eval")
+    dist.log(f"held-out metrics: {len(pairs)} pairs of {source}, every {recipe.train.eval_every or 'end of'} step(s)")
+    return EvalSet(pairs, reference, source)

@@ -64,7 +64,11 @@ class DataConfig:
     max_samples: int | None = None
     on_bad_row: Literal["drop", "fail"] = "drop"
     seed: int = 0
-    """Seed of the per-epoch shuffle of pair order."""
+    """Seed of the per-epoch shuffle of pair order (and of the eval_fraction hold-out)."""
+    eval_split: str | None = None
+    """Held-out pairs: this split of data.path (e.g. UltraFeedback's test_prefs). Or use eval_fraction."""
+    eval_fraction: float | None = None
+    """Held-out pairs: this share of data.split's rows (seeded by data.seed), never trained on."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,11 @@ class TrainConfig:
     """Pairs per rank per forward (chosen + rejected = 2x sequences)."""
     lr: float = 5e-7
     weight_decay: float = 0.0
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    """adamw (the paper's 2B runs) or rmsprop (its 9B runs: one fp32 state per parameter, not two)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    rmsprop_alpha: float = 0.99
+    """RMSprop's smoothing constant (torch's default)."""
     warmup_steps: int = 150
     schedule: Literal["constant", "cosine"] = "constant"
     epochs: int = 1
@@ -132,6 +140,8 @@ class TrainConfig:
     seed: int = 42
     max_nonfinite_steps: int = 5
     """Halt after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+    eval_every: int = 0
+    """Held-out metrics (data.eval_split / data.eval_fraction) every N steps; at the end whenever set (0: end only)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,8 @@ class DeepSpeedConfig:
     """Systems settings live in the JSON; the code fills the batch keys."""
 
     config: str = "ds_configs/zero3_bf16.json"
+    """A JSON of ds_configs/ (or a path), or auto: ZeRO-2 where the model states fit whole on each
+    accelerator, else ZeRO-3; bf16 where supported, fp32 on CPU (fpo_ds/zero_auto.py)."""
     timeout_minutes: int = 30
     """Collective timeout: a rank that dies fails the job instead of hanging."""
 
@@ -157,6 +169,8 @@ class OutputConfig:
     dir: str = "runs/default"
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_final: bool = True
+    """Checkpoint at the last step (false: a benchmark or sweep that keeps no weights; preemption still saves)."""
     keep_last: int = 2
     resume: str = "auto"
     """auto: newest complete checkpoint in dir if any; never; or a checkpoint path."""
@@ -288,6 +302,8 @@ def _check(r: Recipe, problems: list[str]) -> None:
         )
     if not (math.isfinite(t.lr) and t.lr > 0):
         problems.append(f"train.lr: must be a finite number > 0, got {t.lr}")
+    if not (math.isfinite(t.rmsprop_alpha) and 0 <= t.rmsprop_alpha < 1):
+        problems.append(f"train.rmsprop_alpha: must be in [0, 1), got {t.rmsprop_alpha}")
     if not all(math.isfinite(b) and 0 <= b < 1 for b in t.adam_betas):
         problems.append(f"train.adam_betas: each must be in [0, 1), got {list(t.adam_betas)}")
     if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
@@ -298,6 +314,17 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
     if t.max_nonfinite_steps < 1:
         problems.append(f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
+    if d.eval_split is not None and d.eval_fraction is not None:
+        problems.append("data.eval_split / data.eval_fraction: set one held-out source, not both")
+    if d.eval_fraction is not None and not 0 < d.eval_fraction <= 0.5:
+        problems.append(f"data.eval_fraction: must be in (0, 0.5], got {d.eval_fraction}")
+    if t.eval_every < 0:
+        problems.append(f"train.eval_every: must be >= 0 (0: only at the end), got {t.eval_every}")
+    if t.eval_every > 0 and d.eval_split is None and d.eval_fraction is None:
+        problems.append(
+            f"train.eval_every={t.eval_every} needs held-out pairs: set data.eval_split (a split of data.path) "
+            "or data.eval_fraction (a share of data.split held out)"
+        )
     if r.logging.every < 1:
         problems.append(f"logging.every: must be >= 1 (print every N steps), got {r.logging.every}")
     if r.deepspeed.timeout_minutes < 1:

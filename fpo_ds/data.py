@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -238,12 +238,42 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def select_rows(data_cfg, split: str | None = None):
-    """The recipe's rows: its split of data.path, cut to data.max_samples."""
-    rows = load_rows(data_cfg.path, split or data_cfg.split)
-    if data_cfg.max_samples is not None:
-        rows = rows.select(range(min(data_cfg.max_samples, len(rows))))
-    return rows
+Part = Literal["train", "eval"]  # the rows trained on, or the held-out rows
+
+
+def select_rows(data_cfg, part: Part = "train"):
+    """The recipe's training rows, or its held-out rows (`part`).
+
+    Training rows: data.split, cut to data.max_samples, less any held-out share. Held-out rows:
+    data.eval_split of data.path, or the data.eval_fraction share held out of data.split. The hold-out
+    is a seeded shuffle-split (data.seed), so every rank and every resume draws the same rows.
+    """
+    d = data_cfg
+    if part == "eval" and d.eval_split is not None:
+        return load_rows(d.path, d.eval_split)
+    if part == "eval" and d.eval_fraction is None:
+        raise ValueError("data: no held-out pairs; set data.eval_split or data.eval_fraction")
+    rows = load_rows(d.path, d.split)
+    if d.max_samples is not None:
+        rows = rows.select(range(min(d.max_samples, len(rows))))
+    if d.eval_fraction is None:
+        return rows
+    if len(rows) < 2:
+        raise ValueError(f"data.eval_fraction: {d.path} [{d.split}] has {len(rows)} row(s); nothing to hold out")
+    parts = rows.train_test_split(test_size=d.eval_fraction, seed=d.seed, shuffle=True)
+    return parts["test" if part == "eval" else "train"]
+
+
+def rows_source(data_cfg, part: Part) -> str:
+    """How messages name the rows: path [split], and which part."""
+    d = data_cfg
+    if part == "eval":
+        return f"{d.path} [{d.eval_split}]" if d.eval_split else f"{d.path} [{d.split}, held-out {d.eval_fraction}]"
+    return f"{d.path} [{d.split}]" + (f" less the held-out {d.eval_fraction}" if d.eval_fraction else "")
+
+
+def has_eval(data_cfg) -> bool:
+    return data_cfg.eval_split is not None or data_cfg.eval_fraction is not None
 
 
 def tokenized_path(data_cfg, tokenizer, rows) -> Path:
@@ -301,16 +331,16 @@ def read_tokenized(path: Path, on_bad_row: str, source: str, log=None) -> list[P
     return _collect(zip(*cols), on_bad_row, source, log)[0]
 
 
-def load_pairs(data_cfg, tokenizer, split: str | None = None, log=None) -> tuple[list[Pair], str]:
+def load_pairs(data_cfg, tokenizer, part: Part = "train", log=None) -> tuple[list[Pair], str]:
     """Recipe data section -> (tokenised pairs in source row order, dataset fingerprint), in this process.
 
     Distributed runs use components.load_data instead: one rank tokenises, the others load its result.
     """
-    rows = select_rows(data_cfg, split)
+    rows = select_rows(data_cfg, part)
     path = tokenized_path(data_cfg, tokenizer, rows)
     if not path.is_dir():
         tokenize_to_disk(rows, tokenizer, data_cfg, path)
-    source = f"{data_cfg.path} [{split or data_cfg.split}]"
+    source = rows_source(data_cfg, part)
     return read_tokenized(path, data_cfg.on_bad_row, source, log), rows._fingerprint
 
 
@@ -364,6 +394,18 @@ def micro_batches(
     if lengths is not None:
         every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
     return [[ix[i : i + micro] for ix in every] for i in range(0, global_batch // world, micro)]
+
+
+def eval_plan(n: int, micro: int, world: int) -> list[list[list[int]]]:
+    """Held-out positions in micro-batches: plan[i][r] is rank r's i-th micro-batch.
+
+    Rank r takes positions r, r + world, ... Every rank runs the same number of micro-batches
+    (ZeRO-3's forward is collective), so a rank with fewer pairs pads its last ones with -1.
+    """
+    mine = [list(range(r, n, world)) for r in range(world)]
+    rounds = -(-max(len(m) for m in mine) // micro) if n else 0
+    padded = [m + [-1] * (rounds * micro - len(m)) for m in mine]
+    return [[p[i * micro : (i + 1) * micro] for p in padded] for i in range(rounds)]
 
 
 def padding_fraction(pairs: list[Pair], plans: list[list[list[list[int]]]]) -> float:

@@ -1,8 +1,9 @@
 """Step metrics: TRL's names, reduced across ranks, written by rank 0.
 
 `metrics.jsonl` in the run directory always gets one JSON object per optimizer step
-(`step`, `loss`, rewards/*, logps/*, lr, grad_norm, tokens_per_s, samples_per_s,
-step_time_s, peak_mem_mib); TensorBoard and Weights & Biases (offline works) on request.
+(`step`, `loss`, rewards/*, logps/*, logits/*, lr, grad_norm, num_tokens, epoch, step_tokens,
+tokens_per_s, samples_per_s, step_time_s, peak_mem_mib); TensorBoard and Weights & Biases (offline
+works) on request.
 """
 
 from __future__ import annotations
@@ -22,20 +23,40 @@ from fpo_ds import dist
 from fpo_ds.losses import LossOut
 
 
-def pair_metrics(out: LossOut, sum_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-micro-batch sums (reduced later). sum_logps: (2b,) chosen rows then rejected."""
+def pair_metrics(out: LossOut, pol, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-micro-batch sums (reduced later). pol: the policy's model.SeqOut, (2b,) chosen rows then rejected.
+
+    `logits/*` are TRL's: the mean logit over the vocabulary and the response tokens (token-weighted).
+    `weight` (b,) of 0/1 leaves pairs out (the padding of a held-out pass); None counts every pair.
+    """
     b = out.losses.shape[0]
+    w = torch.ones(b, device=out.losses.device) if weight is None else weight.to(out.losses.device)
+    w2 = torch.cat([w, w])
     margins = out.chosen_rewards - out.rejected_rewards
-    return {
-        "loss": out.losses.detach().sum(),
-        "rewards/chosen": out.chosen_rewards.sum(),
-        "rewards/rejected": out.rejected_rewards.sum(),
-        "rewards/margins": margins.sum(),
-        "rewards/accuracies": (margins > 0).float().sum(),
-        "logps/chosen": sum_logps[:b].detach().sum(),
-        "logps/rejected": sum_logps[b:].detach().sum(),
-        "pairs": torch.tensor(float(b), device=out.losses.device),
-    } | {k: v.sum() for k, v in (out.extra or {}).items()}
+    sums = {
+        "loss": out.losses.detach() * w,
+        "rewards/chosen": out.chosen_rewards * w,
+        "rewards/rejected": out.rejected_rewards * w,
+        "rewards/margins": margins * w,
+        "rewards/accuracies": (margins > 0).float() * w,
+        "logps/chosen": pol.sum_logps[:b].detach() * w,
+        "logps/rejected": pol.sum_logps[b:].detach() * w,
+    } | {k: v * w for k, v in (out.extra or {}).items()}
+    sums = {k: v.sum() for k, v in sums.items()}
+    sums.update(
+        {
+            "logits/chosen": (pol.sum_mean_logits * w2)[:b].sum(),
+            "logits/rejected": (pol.sum_mean_logits * w2)[b:].sum(),
+            TOKEN_COUNTS["logits/chosen"]: (pol.n_tokens * w2)[:b].sum().detach(),
+            TOKEN_COUNTS["logits/rejected"]: (pol.n_tokens * w2)[b:].sum().detach(),
+            "pairs": w.sum(),
+        }
+    )
+    return sums
+
+
+# Metrics averaged over response tokens rather than pairs: their sums' token counts (reduced alongside).
+TOKEN_COUNTS = {"logits/chosen": "_response_tokens/chosen", "logits/rejected": "_response_tokens/rejected"}
 
 
 def reduce(sums: list[dict[str, torch.Tensor]], device: str = "cpu") -> dict[str, float]:
@@ -47,7 +68,8 @@ def reduce(sums: list[dict[str, torch.Tensor]], device: str = "cpu") -> dict[str
         tdist.all_reduce(local)  # one small collective per step (on the accelerator for NCCL)
     totals = dict(zip(keys, local.tolist()))
     pairs, tokens = totals.pop("pairs"), totals.pop("tokens", None)
-    means = {k: v / pairs for k, v in totals.items()}
+    counts = {k: totals.pop(n) for k, n in TOKEN_COUNTS.items() if n in totals}
+    means = {k: v / (counts[k] if k in counts else pairs) for k, v in totals.items()}
     if tokens is not None:
         means["tokens"] = tokens  # a global count, not a mean
     return means
@@ -78,6 +100,7 @@ def step_metrics(
         m["time/cache_read_s"] = cache_read_s
     tokens = m.pop("tokens")
     m.update(
+        step_tokens=tokens,
         lr=lr,
         grad_norm=grad_norm,
         tokens_per_s=tokens / seconds,
@@ -86,6 +109,35 @@ def step_metrics(
         peak_mem_mib=peak_mem_mib(),
     )
     return m
+
+
+def eval_line(step: int, m: dict[str, float]) -> str:
+    """The progress line of a held-out pass."""
+    shown = [("eval_loss", "loss", ".4f"), ("eval_rewards/accuracies", "reward acc", ".3f")]
+    shown += [("eval_accuracy/length_normalised", "length-normalised acc", ".3f")]
+    shown += [("eval_fpo/feature_mse_chosen", "feature mse chosen", ".4g")]
+    text = ", ".join(f"{label} {m[k]:{fmt}}" for k, label, fmt in shown if k in m)
+    return f"held-out at step {step}: {text} ({m['eval_time_s']:.1f} s)"
+
+
+def run_summary(history: list[dict], wall_s: float, checkpoint: Path | None, out) -> str:
+    """One paragraph at the end of a run: what TRL prints as train_runtime & co, plus where the weights are."""
+    steps = len(history)
+    if not steps:
+        return f"run summary: no step ran in this launch ({wall_s:.0f} s); output in {out.dir}"
+    tokens = sum(h["step_tokens"] for h in history)
+    train_s = sum(h["step_time_s"] for h in history)
+    losses = [h["loss"] for h in history if math.isfinite(h["loss"])]
+    where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written in this launch"
+    if checkpoint is None and not out.save_final:
+        where += " (output.save_final=false)"
+    return (
+        f"run summary: {steps} steps (to step {history[-1]['step']}) in {wall_s:.0f} s wall, {train_s:.0f} s in steps; "
+        f"{steps / wall_s:.3g} steps/s, {tokens / wall_s:.3g} tokens/s over the wall time; "
+        f"mean loss {sum(losses) / max(len(losses), 1):.4f}, last {history[-1]['loss']:.4f}; "
+        f"peak memory {max(h['peak_mem_mib'] for h in history):.0f} MiB per rank (rank 0); "
+        f"{where}; metrics in {Path(out.dir) / 'metrics.jsonl'}"
+    )
 
 
 def peak_mem_mib() -> float:

@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fpo_ds import checkpoint, data, dist, faults, metrics, rundir
+from fpo_ds import checkpoint, data, dist, evaluation, faults, metrics, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 from fpo_ds.components import Components, build
@@ -91,7 +91,7 @@ def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, p
     # DeepSpeed's ZeRO optimizers (deepspeed pinned in pyproject) skip a step whose gradient norm is
     # not finite, zeroing the gradients; under fp16 that is routine loss scaling, not a fault.
     bad_grad = boundary and getattr(c.engine.optimizer, "overflow", False) and not c.engine.fp16_enabled()
-    sums = metrics.pair_metrics(out, pol.sum_logps)
+    sums = metrics.pair_metrics(out, pol)
     sums["tokens"] = batch.attention_mask.sum().double()
     return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s)
 
@@ -218,11 +218,18 @@ def _claim(recipe: C.Recipe):
     return lock
 
 
-def _resume(c: Components, recipe: C.Recipe) -> tuple[int, Path | None, dict]:
-    """Collective: load the checkpoint per output.resume, apply the recipe's lr. Returns (step, dir, changes)."""
+class Resumed(NamedTuple):
+    step: int  # optimizer steps already done (0: a fresh run)
+    dir: Path | None
+    changes: dict  # recipe keys changed since the checkpoint: (old, new)
+    num_tokens: float  # input tokens consumed so far (TRL's cumulative `num_tokens`)
+
+
+def _resume(c: Components, recipe: C.Recipe) -> Resumed:
+    """Collective: load the checkpoint per output.resume, apply the recipe's lr."""
     resume_dir = checkpoint.find_resume(recipe.output)
     if resume_dir is None:
-        return 0, None, {}
+        return Resumed(0, None, {}, 0.0)
     client = checkpoint.load(c.engine, resume_dir)
     changes = checkpoint.check_resume(resume_dir, recipe)
     # The restored schedule carries the old run's base lr; the recipe's is the one to follow from here.
@@ -234,14 +241,16 @@ def _resume(c: Components, recipe: C.Recipe) -> tuple[int, Path | None, dict]:
     dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
     for key, (old, new) in changes.items():
         dist.log(f"resume: {key} changed {old!r} -> {new!r}; applied from step {start + 1}")
-    return start, resume_dir, changes
+    # Checkpoints written before the token count was saved: it restarts from the samples' share.
+    return Resumed(start, resume_dir, changes, float(client.get("num_tokens", 0.0)))
 
 
 def _run(recipe: C.Recipe, stop: Preemption) -> Result:
+    t_start = time.time()
     resume_dir = checkpoint.find_resume(recipe.output)
     other_world = resume_dir is not None and checkpoint.saved_world(resume_dir) != dist.world_size()
     c = build(recipe, "train", load_universal=other_world)
-    start, resume_dir, changes = _resume(c, recipe)
+    start, resume_dir, changes, num_tokens = _resume(c, recipe)
     if dist.rank() == 0:
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
         rundir.repair_metrics(Path(recipe.output.dir) / "metrics.jsonl", start)  # a resume replays steps > start
@@ -252,19 +261,22 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
             "start_step": start,
             "resume_changes": {k: list(v) for k, v in changes.items()},
             "total_steps": c.total_steps,
+            "deepspeed_config": c.ds_cfg,  # as resolved (deepspeed.config=auto records its choice)
             **versions(),
         }
         if c.objective.ref_kind == "offline":
             info["cache_fingerprints"] = c.reference.manifest["fingerprints"]
         (Path(recipe.output.dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     writer = metrics.Writer(recipe.output.dir, recipe.logging, c.total_steps, C.to_dict(recipe))
-    history, preempted, bad_run, bad_total = [], False, 0, 0
+    history, preempted, bad_run, bad_total, saved = [], False, 0, 0, None
     lengths = [data.padded_length(p) for p in c.pairs]
+    steps_per_epoch = len(c.pairs) // recipe.train.global_batch_size
     for step in range(start, c.total_steps):
         m, skipped, reason = train_step(c, step, lengths)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
-        m["nonfinite_skipped_steps"] = bad_total
+        num_tokens += m["step_tokens"]
+        m.update(nonfinite_skipped_steps=bad_total, num_tokens=num_tokens, epoch=(step + 1) / steps_per_epoch)
         if skipped:
             ids = sorted(set(sum(_gather_lists(skipped), [])))
             dist.log(f"step {step + 1}: non-finite {reason}; step skipped (weights unchanged). Pair ids: {ids[:20]}")
@@ -274,20 +286,36 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
                     f"pair ids {ids[:20]}); "
                     "stopping (train.max_nonfinite_steps). Check those rows, lower train.lr, or use fp32"
                 )
-        history.append({"step": step + 1, **m})
-        writer.write(step + 1, m, start)
-        save_every, done = recipe.output.save_every, step + 1
+        done = step + 1
+        if _eval_due(recipe.train, done, c.total_steps, c.evaluation):
+            m.update(evaluation.evaluate(c))
+            dist.log(metrics.eval_line(done, m))
+        history.append({"step": done, **m})
+        writer.write(done, m, start)
         preempted = stop.agreed(c.device)
-        if (save_every and done % save_every == 0) or done == c.total_steps or preempted:
-            client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size}
-            checkpoint.save(c.engine, recipe, done, client, c.engine.module.config, c.tokenizer)
+        if _save_due(recipe.output, done, c.total_steps) or preempted:
+            client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size, "num_tokens": num_tokens}
+            saved = checkpoint.save(c.engine, recipe, done, client, c.engine.module.config, c.tokenizer)
         if preempted:
             dist.log(f"preempted ({stop.signal or 'signal on another rank'}) after step {done}: checkpoint saved")
             break
     writer.close()
+    summary = metrics.run_summary(history, time.time() - t_start, saved, recipe.output)
+    dist.log(summary)
     if not preempted and dist.rank() == 0:
-        (Path(recipe.output.dir) / DONE).write_text(json.dumps({"steps": c.total_steps, **versions()}))
+        done_info = {"steps": c.total_steps, "summary": summary, **versions()}
+        (Path(recipe.output.dir) / DONE).write_text(json.dumps(done_info))
     return Result(history, c, preempted)
+
+
+def _eval_due(t: C.TrainConfig, done: int, total: int, held_out) -> bool:
+    """Held-out metrics every train.eval_every steps and after the last step, when there are held-out pairs."""
+    return held_out is not None and ((t.eval_every and done % t.eval_every == 0) or done == total)
+
+
+def _save_due(out: C.OutputConfig, done: int, total: int) -> bool:
+    """A checkpoint at every output.save_every steps, and at the end unless output.save_final is off."""
+    return bool(out.save_every and done % out.save_every == 0) or (done == total and out.save_final)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,7 +94,7 @@ def main(spec_path: str, out_dir: str) -> None:
             results[item["name"]] = {"ok": True, "comms": comms_summary()}
             continue
         history, c, _ = result
-        results[item["name"]] = {"history": history, "reference": type(c.reference).__name__}
+        results[item["name"]] = {"history": history, "reference": type(c.reference).__name__, "n_pairs": len(c.pairs)}
         if item.get("comms"):
             gathered = [None] * dist.world_size()
             torch.distributed.all_gather_object(gathered, (comms_summary(), snapshots))

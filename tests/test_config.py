@@ -116,6 +116,10 @@ def test_sae_registry_check_offline():
         ("sae.k=0", "sae.k: must be >= 1, got 0"),
         ("output.keep_last=0", "output.keep_last: must be >= 1"),
         ("sae.shard_group=nodes", "sae.shard_group: 'nodes' is not node, world, none or a rank count"),
+        ("train.eval_every=5", "train.eval_every=5 needs held-out pairs: set data.eval_split"),
+        ("data.eval_fraction=0.9", "data.eval_fraction: must be in (0, 0.5], got 0.9"),
+        ("train.optimizer=sgd", "train.optimizer"),
+        ("train.rmsprop_alpha=1.0", "train.rmsprop_alpha: must be in [0, 1), got 1.0"),
     ],
 )
 def test_values_training_would_refuse_are_refused_at_load(tmp_path, override, message):

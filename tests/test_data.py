@@ -181,3 +181,27 @@ def test_pairs_identical_after_truncation_are_dropped(tokenizer):
     assert p.chosen_ids[:3] == p.rejected_ids[:3]
     with pytest.raises(ValueError, match="no usable preference pairs.*identical_after_truncation"):
         D.build_pairs([row], tokenizer, cut, len(p.prompt_ids), "drop", "t")
+
+
+def test_eval_fraction_holds_out_disjoint_seeded_rows(world):
+    from fpo_ds import config as C
+
+    cfg = C.DataConfig(path=str(world / "data" / "train.jsonl"), eval_fraction=0.25, seed=3)
+    train, held = D.select_rows(cfg, "train"), D.select_rows(cfg, "eval")
+    assert len(train) == 48 and len(held) == 16  # the world's 64 rows
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    again = D.select_rows(cfg, "eval")
+    assert [key(r) for r in again] == [key(r) for r in held] and again._fingerprint == held._fingerprint
+    other = D.select_rows(C.DataConfig(path=cfg.path, eval_fraction=0.25, seed=4), "eval")
+    assert [key(r) for r in other] != [key(r) for r in held]
+    with pytest.raises(ValueError, match="data.eval_split or data.eval_fraction"):
+        D.select_rows(C.DataConfig(path=cfg.path), "eval")
+
+
+@pytest.mark.parametrize("n,micro,world", [(8, 2, 2), (7, 2, 2), (5, 1, 4), (3, 4, 2), (0, 1, 2)])
+def test_eval_plan_covers_every_pair_once_with_equal_rounds(n, micro, world):
+    plan = D.eval_plan(n, micro, world)
+    seen = sorted(j for rounds in plan for ix in rounds for j in ix if j >= 0)
+    assert seen == list(range(n))
+    assert all(len(rounds) == world and all(len(ix) == micro for ix in rounds) for rounds in plan)

@@ -71,7 +71,9 @@ def runs(tmp_path_factory):
                     "recipe": _recipe(tmp, world, f"{arch}-{m}", loss={"method": m}),
                 }
             )
-    learn = dict(loss={"method": "dpo"}, train={"max_steps": 24, "epochs": 3, "lr": 3e-3})
+    learn = dict(
+        loss={"method": "dpo"}, train={"max_steps": 24, "epochs": 3, "lr": 3e-3}, output={"save_final": False}
+    )
     spec.append({"name": "learn", "stage": "train", "recipe": _recipe(tmp, g, "learn", **learn)})
     full = _recipe(tmp, g, "full", loss={"method": "dpo"}, train={"max_steps": 4}, output={"save_every": 2})
     spec.append({"name": "full", "stage": "train", "recipe": full})
@@ -111,6 +113,13 @@ def runs(tmp_path_factory):
     )
     spec.append(
         {
+            "name": "auto",
+            "stage": "train",
+            "recipe": _recipe(tmp, g, "auto", loss={"method": "dpo"}, deepspeed={"config": "auto"}),
+        }
+    )
+    spec.append(
+        {
             "name": "offload",  # ZeRO-Offload: DeepSpeed's CPU Adam (JIT-compiled once, ~35 s on 2 cores)
             "stage": "train",
             "recipe": _recipe(
@@ -146,11 +155,22 @@ def runs(tmp_path_factory):
             ),
         }
     )
+    # held-out metrics: FPO against the held-out part of its cache, DPO against its live reference
+    held = dict(fpo, data={"eval_fraction": 0.25}, cache={"dir": str(tmp / "fpo-eval-cache")})
+    spec.append({"name": "eval_cache", "stage": "build-cache", "recipe": _recipe(tmp, g, "eval-cache", **held)})
+    ev = dict(held, train={"max_steps": 4, "eval_every": 2}, output={"save_every": 2})
+    spec.append({"name": "fpo_eval", "stage": "train", "recipe": _recipe(tmp, g, "fpo-eval", **ev)})
+    ev_part = _recipe(tmp, g, "fpo-eval-part", **dict(ev, train={"max_steps": 2, "eval_every": 2}))
+    spec.append({"name": "fpo_eval_part", "stage": "train", "recipe": ev_part})
+    spec.append({"name": "fpo_eval_rest", "stage": "train", "recipe": ev_part, "overrides": ["train.max_steps=4"]})
+    dpo_ev = dict(loss={"method": "dpo"}, data={"eval_fraction": 0.25}, train={"eval_every": 3})
+    spec.append({"name": "dpo_eval", "stage": "train", "recipe": _recipe(tmp, g, "dpo-eval", **dpo_ev)})
     spec.append({"name": "sae", "check": "sae"})
     spec.append({"name": "zero_init", "check": "zero_init", "recipe": full})
     two = _launch(2, spec, tmp / "out2")
     one_spec = [
         {"name": "fpo_1rank", "stage": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
+        {"name": "fpo_eval_1rank", "stage": "train", "recipe": _recipe(tmp, g, "fpo-eval-1rank", **ev)},
         {
             "name": "rank1_micro2",
             "stage": "train", "dump": True,
@@ -194,6 +214,9 @@ def test_resume_reproduces_uninterrupted_losses(runs):
     full, rest = _losses(runs["two"], "full"), runs["two"]["rest"]["history"]
     assert [h["step"] for h in rest] == [3, 4]
     assert [h["loss"] for h in rest] == pytest.approx(full[2:], abs=1e-5)
+    # the cumulative token count and the epoch continue where the checkpoint left them
+    for key in ("num_tokens", "epoch"):
+        assert [h[key] for h in rest] == [h[key] for h in runs["two"]["full"]["history"][2:]]
     ckpts = sorted(p.name for p in (runs["tmp"] / "runs" / "part" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000002", "step_00000004"]
     assert (runs["tmp"] / "runs" / "part" / "checkpoints" / "latest").read_text() == "step_00000004"
@@ -217,6 +240,14 @@ def test_bf16_zero2_and_offload_train(runs):
         hist = runs["two"][name]["history"]
         assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
         assert abs(hist[0]["loss"] - LN2) < 2e-2  # bf16 logits: ln 2 up to rounding
+
+
+def test_auto_picks_zero2_for_a_tiny_model_and_matches_zero3(runs):
+    info = json.loads((runs["tmp"] / "runs" / "auto" / "run_info.json").read_text())
+    zero = info["deepspeed_config"]["zero_optimization"]
+    assert zero["stage"] == 2 and "bf16" not in info["deepspeed_config"]  # fp32 on the CPU accelerator
+    # same recipe as gemma2-dpo but for the JSON: ZeRO-2 and ZeRO-3 train the same numbers
+    assert _losses(runs["two"], "auto") == pytest.approx(_losses(runs["two"], "gemma2-dpo"), abs=1e-5)
 
 
 def test_tensorboard_and_offline_wandb_when_asked(runs):
@@ -244,6 +275,10 @@ def test_metrics_jsonl_written_per_step(runs):
         "logps/rejected",
         "lr",
         "grad_norm",
+        "logits/chosen",
+        "logits/rejected",
+        "num_tokens",
+        "epoch",
         "tokens_per_s",
         "samples_per_s",
         "step_time_s",
@@ -251,6 +286,57 @@ def test_metrics_jsonl_written_per_step(runs):
     ):
         assert key in recs[0]
     assert (runs["tmp"] / "runs" / "gemma2-dpo" / "recipe.yaml").is_file()
+    # TRL's cumulative count: every input token (prompt, chosen and rejected, all ranks) so far
+    tokens = [r["step_tokens"] for r in recs]
+    assert [r["num_tokens"] for r in recs] == pytest.approx([sum(tokens[: i + 1]) for i in range(3)])
+    assert [r["epoch"] for r in recs] == pytest.approx([1 / 8, 2 / 8, 3 / 8])  # 32 pairs, global batch 4
+    assert all(r["logits/chosen"] != r["logits/rejected"] for r in recs)
+    done = json.loads((runs["tmp"] / "runs" / "gemma2-dpo" / "DONE.json").read_text())
+    assert "3 steps" in done["summary"] and "checkpoints/step_00000003" in done["summary"]
+
+
+EVAL_KEYS = (
+    "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected",
+    "eval_logits/chosen", "eval_accuracy/length_normalised", "eval_time_s",
+)  # fmt: skip
+
+
+def test_held_out_metrics_every_n_steps_resume_exactly_and_match_one_rank(runs):
+    hist = runs["two"]["fpo_eval"]["history"]
+    evald = [h["step"] for h in hist if "eval_loss" in h]
+    assert evald == [2, 4]
+    for h in (hist[1], hist[3]):
+        for key in (*EVAL_KEYS, "eval_fpo/feature_mse_chosen", "eval_fpo/feature_mse_rejected"):
+            assert math.isfinite(h[key]), key
+    assert hist[1]["eval_fpo/feature_mse_chosen"] > 0  # the policy moved off the reference after 2 steps
+    assert 0 <= hist[1]["eval_accuracy/dpo_reward"] <= 1  # the cache holds the reference's log-probs too
+    # a restart at step 2 gives the uninterrupted run's steps 3-4, held-out metrics included
+    rest = runs["two"]["fpo_eval_rest"]["history"]
+    assert [h["step"] for h in rest] == [3, 4]
+    for key in ("loss", "eval_loss", "eval_rewards/accuracies", "eval_fpo/feature_mse_chosen"):
+        assert rest[1][key] == pytest.approx(hist[3][key], abs=1e-5), key
+    # distributed held-out pass == single process (8 held-out pairs: 4 per rank vs 8 on one)
+    one = runs["one"]["fpo_eval_1rank"]["history"]
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_fpo/feature_mse_rejected"):
+        assert one[3][key] == pytest.approx(hist[3][key], abs=1e-4), key
+    lines = (runs["tmp"] / "runs" / "fpo-eval" / "metrics.jsonl").read_text().splitlines()
+    assert "eval_rewards/accuracies" in json.loads(lines[1])  # written to metrics.jsonl too
+
+
+def test_held_out_metrics_with_a_live_reference(runs):
+    hist = runs["two"]["dpo_eval"]["history"]
+    last = hist[-1]
+    assert [h["step"] for h in hist if "eval_loss" in h] == [3]
+    assert 0 <= last["eval_accuracy/dpo_reward"] <= 1 and 0 <= last["eval_accuracy/length_normalised"] <= 1
+    # for DPO the method's reward accuracy is the DPO reward accuracy
+    assert last["eval_rewards/accuracies"] == pytest.approx(last["eval_accuracy/dpo_reward"])
+    assert runs["two"]["dpo_eval"]["n_pairs"] == 24  # 32 rows less the 8 held out
+
+
+def test_save_final_off_writes_no_checkpoint(runs):
+    run = runs["tmp"] / "runs" / "learn"
+    assert (run / "DONE.json").is_file() and not list(run.glob("checkpoints/step_*"))
+    assert "output.save_final=false" in json.loads((run / "DONE.json").read_text())["summary"]
 
 
 def _dump(runs, name):
@@ -296,6 +382,20 @@ def test_export_round_trip_logits(runs, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)  # generation stops at the chat template's end of turn too
     want = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
     assert GenerationConfig.from_pretrained(out).eos_token_id == want
+    card = (out / "README.md").read_text()  # the model card: method, reference, versions, recipe
+    assert "method `dpo`" in card and str(runs["tmp"] / "world-gemma2" / "model") in card
+    assert "| deepspeed |" in card and "global_batch_size: 2" in card
+    assert "None recorded" in card  # this run had no held-out pairs
+
+
+def test_model_card_carries_the_held_out_metrics(runs, tmp_path):
+    from fpo_ds import checkpoint
+
+    out = checkpoint.export(runs["tmp"] / "runs" / "fpo-eval" / "checkpoints" / "step_00000004", tmp_path / "hf")
+    card = (out / "README.md").read_text()
+    last = runs["two"]["fpo_eval"]["history"][-1]
+    assert "At step 4:" in card and f"| eval_loss | {last['eval_loss']:.6g} |" in card
+    assert "SAE: `" in card and "method `fpo`" in card
 
 
 def test_fpo_step0_is_ln2_with_zero_feature_mse(runs):
