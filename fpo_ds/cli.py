@@ -70,10 +70,11 @@ DELEGATED = {
     "demo": "fpo_ds.tools.demo",
     "bench": "fpo_ds.tools.bench",
     "plan": "fpo_ds.tools.plan",
+    "generate": "fpo_ds.generate",
 }
 
 
-DISTRIBUTED = ("train", "build-cache")  # every rank reports its own failure (fpo_ds.dist)
+DISTRIBUTED = ("train", "build-cache", "generate")  # every rank reports its own failure (fpo_ds.dist)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +105,7 @@ def _run(argv: list[str]) -> int:
     sub.add_parser("demo", help="the whole pipeline on the embedded tiny world (CPU, minutes)")
     sub.add_parser("bench", help="step time / memory of every method side by side, ratios to SimPO")
     sub.add_parser("plan", help="per-GPU memory estimate for a recipe on N nodes x G GPUs, and what to change")
+    sub.add_parser("generate", help="answer AlpacaEval / Arena-Hard / MT-Bench questions into their answer files")
     v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
