@@ -60,7 +60,7 @@ def _eval(args) -> int:
     )
     for name, r in results.items():
         print(name, {k: round(v, 4) for k, v in r.items() if k != "scores"})
-    print(f"generations (instruction/output/generator, for AlpacaEval / Arena-Hard): {args.out}/generations/")
+    print(f"generations (AlpacaEval's layout; `fpo-ds generate` writes each benchmark's own): {args.out}/generations/")
     return 0
 
 
