@@ -36,19 +36,21 @@ class MicroResult(NamedTuple):
     skip: SkipReason | None
     sae: Encoded | None  # FPO: the feature read (bytes moved, encode time)
     cache_read_s: float  # host time spent reading the offline cache
+    stop: bool  # some rank has been asked to stop (preemption), as of this micro-batch
 
 
 class StepResult(NamedTuple):
     metrics: dict[str, float]
     skipped_ids: list[int]  # pair ids of a skipped step (empty otherwise)
     skip: SkipReason | None
+    stop: bool  # every rank agrees to stop after this step (a rank got SIGUSR1/SIGTERM)
 
 
-def _any_rank(flag: bool | torch.Tensor, device: str) -> bool:
-    """Collective: True on every rank when `flag` is true on any rank."""
-    t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
+def _any_rank(device: str, *flags: bool | torch.Tensor) -> list[bool]:
+    """Collective: for each flag, True on every rank when it is true on any rank (one all-reduce, one sync)."""
+    t = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(x) for x in t.tolist()]
 
 
 def _skip_micro_batch(c: Components, batch: data.Batch) -> None:
@@ -61,12 +63,15 @@ def _skip_micro_batch(c: Components, batch: data.Batch) -> None:
     c.engine.step()
 
 
-def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, peers: list | None) -> MicroResult:
+def micro_step(
+    c: Components, batch: data.Batch, poison: faults.Poison | None, peers: list | None, stop: bool = False
+) -> MicroResult:
     """Forward (chosen and rejected concatenated), loss, backward.
 
     Ranks decide together. A non-finite loss on any rank: every rank drops this micro-batch's
     gradients (skip "loss", sums None). A non-finite gradient norm at the step's last micro-batch:
-    DeepSpeed skips the optimizer step (skip "gradient").
+    DeepSpeed skips the optimizer step (skip "gradient"). The same all-reduce carries this rank's
+    `stop` request (preemption), so stopping costs no collective of its own.
     """
     batch = M.to_device(batch, c.device)
     t0 = time.perf_counter()
@@ -81,10 +86,11 @@ def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, p
         out = out._replace(losses=out.losses * float("nan"))
     elif poison == "gradient":
         out.losses.register_hook(lambda g: g * float("nan"))
-    if _any_rank(~torch.isfinite(out.losses.detach()).all(), c.device):
+    nonfinite, stop = _any_rank(c.device, ~torch.isfinite(out.losses.detach()).all(), stop)
+    if nonfinite:
         del out, pol, ref  # drop the poisoned graph: its gradients would be NaN
         _skip_micro_batch(c, batch)
-        return MicroResult(None, "loss", sae, read_s)
+        return MicroResult(None, "loss", sae, read_s, stop)
     c.engine.backward(out.losses.mean())
     boundary = c.engine.is_gradient_accumulation_boundary()  # this micro-batch ends the step
     c.engine.step()
@@ -93,10 +99,10 @@ def micro_step(c: Components, batch: data.Batch, poison: faults.Poison | None, p
     bad_grad = boundary and getattr(c.engine.optimizer, "overflow", False) and not c.engine.fp16_enabled()
     sums = metrics.pair_metrics(out, pol)
     sums["tokens"] = batch.attention_mask.sum().double()
-    return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s)
+    return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s, stop)
 
 
-def train_step(c: Components, step: int, lengths: list[int]) -> StepResult:
+def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | None = None) -> StepResult:
     """One optimizer step (this rank's share of the global batch, in micro-batches grouped by `lengths`)."""
     t0, lr = time.time(), c.engine.get_lr()[0]
     t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
@@ -108,7 +114,8 @@ def train_step(c: Components, step: int, lengths: list[int]) -> StepResult:
         chunk = [c.pairs[j] for j in positions[rank]]
         # The feature reader sizes its group's token gather from every rank's pairs (no collective).
         peers = [[c.pairs[j] for j in ix] for ix in positions] if c.features else None
-        res = micro_step(c, data.collate(chunk, c.tokenizer.pad_token_id), poison, peers)
+        asked = stop is not None and stop.signal is not None
+        res = micro_step(c, data.collate(chunk, c.tokenizer.pad_token_id), poison, peers, asked)
         results.append(res)
         skipped += [p.example_id for p in chunk] if res.sums is None else []
     skip = next((x.skip for x in results if x.skip), None)
@@ -131,7 +138,7 @@ def train_step(c: Components, step: int, lengths: list[int]) -> StepResult:
             "finite, so training stops before any checkpoint is written. Resume from the last checkpoint "
             "(output.resume=auto) with a lower train.lr or fp32"
         )
-    return StepResult(m, skipped, skip)
+    return StepResult(m, skipped, skip, results[-1].stop)
 
 
 DONE = "DONE.json"  # written last by a run that reached its final step
@@ -180,10 +187,6 @@ class Preemption:
 
     def _catch(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
-
-    def agreed(self, device: str) -> bool:
-        """Collective: ranks may get the signal at different steps; stop when any rank got it."""
-        return _any_rank(self.signal is not None, device)
 
 
 def _gather_lists(items: list) -> list[list]:
@@ -272,7 +275,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
     lengths = [data.padded_length(p) for p in c.pairs]
     steps_per_epoch = len(c.pairs) // recipe.train.global_batch_size
     for step in range(start, c.total_steps):
-        m, skipped, reason = train_step(c, step, lengths)
+        m, skipped, reason, preempted = train_step(c, step, lengths, stop)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
         num_tokens += m["step_tokens"]
@@ -292,7 +295,6 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
             dist.log(metrics.eval_line(done, m))
         history.append({"step": done, **m})
         writer.write(done, m, start)
-        preempted = stop.agreed(c.device)
         if _save_due(recipe.output, done, c.total_steps) or preempted:
             client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size, "num_tokens": num_tokens}
             saved = checkpoint.save(c.engine, recipe, done, client, c.engine.module.config, c.tokenizer)
