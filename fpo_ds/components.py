@@ -205,12 +205,12 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
         obj = objective.build(recipe.loss, recipe.sae.k, weights)
         engine = policy_engine(recipe, ds_cfg, steps)
         if obj.ref_kind == "live":
-            reference = objective.LiveReference(M.frozen_engine(recipe.model, ds_cfg), obj.needs_kl)
+            reference = objective.LiveReference(_reference_engine(recipe, ds_cfg, device), obj.needs_kl)
         elif obj.ref_kind == "offline":
             reference = cache.Reader(recipe, tok, fingerprint, device)
         evaluation = _eval_set(recipe, obj, reference, device) if data.has_eval(recipe.data) else None
     else:
-        engine = M.frozen_engine(recipe.model, ds_cfg)
+        engine = _reference_engine(recipe, ds_cfg, device)
     features = FeatureReader(engine.module, layer, encoder) if encoder else None
     dist.log(
         f"fpo-ds {role}: {recipe.loss.method if role == 'train' else 'reference cache'}"
@@ -220,6 +220,14 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
     )
     parts = (recipe, ds_cfg, device, tok, pairs, fingerprint, steps, engine, features, obj, reference)
     return Components(*parts, evaluation)
+
+
+def _reference_engine(recipe: C.Recipe, ds_cfg: dict, device: str):
+    """The frozen reference (collective): replicated when small beside a rank's memory, else sharded."""
+    whole, why = zero_auto.reference_whole(recipe.model, ds_cfg, device.split(":")[0], dist.local_world_size())
+    if why:
+        dist.log(why)
+    return M.frozen_engine(recipe.model, ds_cfg, whole)
 
 
 def _eval_set(recipe: C.Recipe, obj: objective.Objective, reference, device: str) -> EvalSet:

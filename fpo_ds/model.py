@@ -194,15 +194,16 @@ def load_model(model_cfg, ds_cfg: dict):
     return model, keepalive
 
 
-def frozen_engine(model_cfg, ds_cfg: dict):
+def frozen_engine(model_cfg, ds_cfg: dict, whole: bool = False):
     """A reference model as a DeepSpeed engine in eval mode, no optimizer (collective).
 
-    Sharded like the policy under ZeRO-3; with a lower stage it is simply replicated (stage 0).
+    Sharded like the policy under ZeRO-3 unless `whole`; with a lower stage, or `whole`, it is
+    simply replicated (stage 0): a small frozen model needs no per-module all-gathers.
     """
     import deepspeed
 
     cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
-    if zero_stage(ds_cfg) != 3:
+    if zero_stage(ds_cfg) != 3 or whole:
         cfg["zero_optimization"] = {"stage": 0}
     model, keepalive = load_model(model_cfg, cfg)
     model.requires_grad_(False)

@@ -104,6 +104,27 @@ def choose(recipe, facts: ModelFacts, world: int, memory_bytes: int, bf16: bool)
     return Choice(systems, reason)
 
 
+WHOLE_REFERENCE_FRACTION = 0.02  # a frozen reference this small (of a rank's memory) is replicated, not sharded
+
+
+def reference_whole(model_cfg, ds_cfg: dict, accelerator: str, local_world: int) -> tuple[bool, str]:
+    """Whether a frozen reference is kept whole on every rank rather than ZeRO-3-sharded, and why.
+
+    Sharding a frozen model saves its (16-bit) weights over the ranks but costs two all-gathers
+    per module per forward; below WHOLE_REFERENCE_FRACTION of a rank's memory the weights are cheaper.
+    """
+    from fpo_ds.ds_config import torch_dtype, zero_stage
+
+    if zero_stage(ds_cfg) != 3:
+        return False, ""
+    item = torch_dtype(ds_cfg).itemsize
+    size = model_facts(model_cfg).params * item
+    limit = WHOLE_REFERENCE_FRACTION * rank_memory(accelerator, local_world)
+    whole = size <= limit
+    how = "whole on every rank (replicated)" if whole else "ZeRO-3-sharded"
+    return whole, f"reference: {size / 2**20:.0f} MiB of weights, {how} (limit {limit / 2**20:.0f} MiB per rank)"
+
+
 def rank_memory(accelerator: str, local_world: int) -> int:
     """Bytes one rank may use: the CUDA device's total, or on the CPU the host's RAM over the node's ranks."""
     if accelerator == "cuda":
