@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 EXTENSIONS_VAR = "TORCH_EXTENSIONS_DIR"
-SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce, built at the first CPU launch
-SHM_BUILD = "~40 s on 2 idle CPU cores"  # measured cold: 38 s idle, 98 s with the cores busy
 CPU_ADAM_OP = "cpu_adam"  # DeepSpeed's CPU Adam, built at the first run that offloads the optimizer
 CPU_ADAM_BUILD = "~1-3 min on 2 CPU cores"  # measured cold: 73 s idle, 175 s with the cores busy
 
@@ -297,13 +295,21 @@ def announce_build(name: str, what: str, estimate: str):
         log(f"built {name} in {time.perf_counter() - t0:.0f} s")
 
 
-def uses_shm_comm() -> bool:
-    """Whether `deepspeed.init_distributed` will load DeepSpeed's CPU shared-memory comm op (CPU accelerator)."""
+def skip_shm_comm() -> None:
+    """Keep DeepSpeed from building and mapping its CPU shared-memory all-reduce (CPU accelerator).
+
+    DeepSpeed's torch backend JIT-compiles that op at the first CPU launch (38 s on 2 idle cores,
+    up to 258 s on busy ones) and maps a 66 MiB buffer per rank in /dev/shm, which it never
+    unlinks; yet only its tensor-parallel inference all-reduce (`inference_all_reduce`) uses it.
+    Training's collectives go through torch.distributed (gloo) either way, so the op is marked
+    unavailable before `init_distributed` looks for it.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    return builder is not None and bool(deepspeed.ops.__compatible_ops__.get(builder.NAME, False))
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def init(timeout_minutes: int) -> Topology:
@@ -326,12 +332,10 @@ def init(timeout_minutes: int) -> Topology:
     if tdist.is_initialized():
         return topo
     _die_with_launcher(topo)
-    shm = SHM_OP if uses_shm_comm() else None
-    with announce_build(shm, "DeepSpeed's CPU comm op", SHM_BUILD) if shm else contextlib.nullcontext():
-        deepspeed.init_distributed(
-            dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False
-        )
-    _unlink_shm_name(topo)
+    skip_shm_comm()
+    deepspeed.init_distributed(
+        dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False
+    )
     log_all(f"rank {topo.rank}/{topo.world_size} (local {topo.local_rank}/{topo.local_world_size}) up")
     nodes = max(1, topo.world_size // max(1, topo.local_world_size))
     log(
@@ -355,27 +359,6 @@ def _die_with_launcher(topo: Topology) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != _PARENT:  # the launcher died before the signal was armed
         os._exit(1)
-
-
-def _unlink_shm_name(topo: Topology) -> None:
-    """Remove the name of DeepSpeed's CPU shared-memory all-reduce buffer (66 MiB per rank in /dev/shm).
-
-    DeepSpeed never unlinks it, so every CPU run used to leave one per rank behind (seen: 18 GiB of
-    them filled memory after a few hundred test runs). Once every rank has mapped its peers' buffers
-    (the barrier), the names are no longer needed; the mappings live on until the process exits.
-    """
-    import glob
-
-    import torch.distributed as tdist
-
-    if tdist.get_backend() != "gloo":
-        return
-    tdist.barrier()
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{topo.master_port}_{topo.rank}"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def shutdown(code: int) -> None:

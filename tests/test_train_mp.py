@@ -35,7 +35,7 @@ def _launch(nproc: int, spec: list, out: Path, timeout: int = 900) -> dict:
     )
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    # DeepSpeed's CPU shared-memory buffers (66 MiB per rank) must not outlive the run (fpo_ds.dist)
+    # no /dev/shm buffers: fpo_ds.dist keeps DeepSpeed from creating its CPU all-reduce buffers at all
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return json.loads((out / "results.json").read_text())
 
