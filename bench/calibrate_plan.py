@@ -2,8 +2,10 @@
 
     python bench/calibrate_plan.py runs/bench-gpu/bench.json
 
-Rebuilds the bench's data (deterministic), finds the widest padded micro-batch the timed steps
-saw, and runs the planner's estimate for each method at that width. Prints estimate, measured
+Rebuilds the bench's data (deterministic; the long pairs of --seq when the bench used them),
+finds the widest padded micro-batch the timed steps saw, and runs the planner's estimate for each
+method at that width, with the bench's model (a shipped shape's facts for --shape, else the toy
+Llama at --hidden x --layers) and activation checkpointing as benched. Prints estimate, measured
 CUDA peak and relative error.
 """
 
@@ -17,7 +19,7 @@ import torch
 from fpo_ds import config as C
 from fpo_ds import data
 from fpo_ds import model as M
-from fpo_ds.tools import plan, toy
+from fpo_ds.tools import bench, plan, shapes, toy
 
 CONFIG_KEYS = ("hidden", "layers", "micro", "nproc", "steps", "d_sae")
 FIX = "pass the bench.json that `bash bench/gpu.sh` (or `fpo-ds bench --out DIR`) wrote, e.g. runs/bench-gpu/bench.json"
@@ -42,21 +44,43 @@ def read_bench(path: str) -> dict:
     return res
 
 
+def _pairs(cfg: dict, tmp: Path) -> tuple[list, object]:
+    """The bench's pairs and tokenizer: the toy world, with the bench's long rows when it ran --seq > 64."""
+    seq = cfg.get("seq", 64)
+    world = toy.write_world(tmp / "w", "llama", n_train=cfg.get("pairs", 2048), n_eval=8)
+    if seq > 64:
+        rows = bench.long_rows(cfg["pairs"], seq, seed=0)
+        (world / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = M.load_tokenizer(str(world / "model"))
+    data_cfg = C.DataConfig(path=str(world / "data/train.jsonl"), max_length=seq, max_prompt_length=seq // 2)
+    return data.load_pairs(data_cfg, tok)[0], tok
+
+
+def _model_numbers(cfg: dict, tok) -> dict:
+    """What the planner needs of the benched model: a shipped shape's facts, or the toy Llama's."""
+    keys = ("params", "hidden", "layers", "vocab", "largest_layer")
+    if cfg.get("shape"):
+        shape = shapes.model_shape(cfg["shape"])
+        return {k: getattr(shape, k) for k in keys}
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(toy.tiny_config("llama", len(tok), tok, cfg["hidden"], cfg["layers"]))
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "hidden": cfg["hidden"],
+        "layers": cfg["layers"],
+        "vocab": model.config.vocab_size,
+        "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+    }
+
+
 def main(path: str) -> None:
     res = read_bench(path)
     cfg = res["config"]
     with tempfile.TemporaryDirectory() as tmp:
-        world = toy.write_world(Path(tmp) / "w", "llama", n_train=2048, n_eval=8)  # same tokenizer and data
-        tok = M.load_tokenizer(str(world / "model"))
-        pairs, _ = data.load_pairs(
-            C.DataConfig(path=str(world / "data/train.jsonl"), max_length=64, max_prompt_length=32), tok
-        )
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                toy.tiny_config("llama", len(tok), tok, cfg["hidden"], cfg["layers"])
-            )
+        pairs, tok = _pairs(cfg, Path(tmp))
+        nums = _model_numbers(cfg, tok)
     g = cfg["micro"] * cfg["nproc"]
     width = max(
         max(
@@ -65,14 +89,11 @@ def main(path: str) -> None:
         )
         for s in range(cfg["steps"])
     )
-    nums = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "hidden": cfg["hidden"],
-        "layers": cfg["layers"],
-        "vocab": model.config.vocab_size,
-        "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-    }
-    print(f"{nums['params'] / 1e6:.1f}M params, widest padded micro-batch {width} tokens x {2 * cfg['micro']} seqs")
+    ckpt = bool(cfg.get("checkpointing"))
+    print(
+        f"{cfg.get('shape') or 'toy llama'}: {nums['params'] / 1e6:.1f}M params, widest padded micro-batch {width} "
+        f"tokens x {2 * cfg['micro']} seqs, activation checkpointing {ckpt}"
+    )
     print("| method | plan estimate (MiB) | measured peak (MiB) | error |\n|---|---|---|---|")
     methods = {
         "sft": ("sft", "live"),
@@ -86,7 +107,7 @@ def main(path: str) -> None:
         if name not in res["methods"]:
             continue  # a `--methods` subset run
         raw = {
-            "model": {"name_or_path": "x"},
+            "model": {"name_or_path": "x", "gradient_checkpointing": ckpt},
             "data": {"path": "x", "max_length": width, "max_prompt_length": 1},
             "loss": {"method": method, "reference": ref},
             "sae": {"path": "x"},

@@ -139,6 +139,7 @@ def _overrides(world: Path, out: Path, extra: dict, args) -> list[str]:
         "train.warmup_steps": 1,
         "train.lr": 1e-4,
         "output.save_every": 0,
+        "output.save_final": False,  # a final ZeRO-3 checkpoint of a 2.6B model is ~25 GB: benches keep none
         "logging.progress_bar": False,
         "logging.every": 10**6,
         "deepspeed.config": args.ds_config,
