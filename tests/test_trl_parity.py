@@ -80,14 +80,12 @@ def _order(recipe_path: Path) -> list:
     from fpo_ds import config as C
     from fpo_ds import data
     from fpo_ds import model as M
+    from fpo_ds.tools import trl_run
 
     recipe = C.load(recipe_path)
     pairs, _ = data.load_pairs(recipe.data, M.load_tokenizer(recipe.model.name_or_path))
-    lengths = [data.padded_length(p) for p in pairs]
-    b = recipe.train.global_batch_size
-    plans = [data.micro_batches(len(pairs), recipe.data.seed, s, b, b, 1, lengths) for s in range(STEPS)]
-    assert all(len(plan) == 1 for plan in plans)  # one micro-batch per step: TRL's batch s is fpo-ds's step s
-    return [pairs[j] for plan in plans for j in plan[0][0]]
+    micro = recipe.train.micro_batch_size  # = the global batch: one micro-batch per step, on one rank
+    return [pairs[j] for j in trl_run.fpo_ds_order(pairs, recipe.data.seed, STEPS, micro, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +136,9 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("method", list(BETA))
 def test_same_token_ids_in_the_same_order(runs, method):
-    r = runs[method]
-    want = [
-        {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in r["order"]
-    ]
-    assert r["tokens"] == want
+    from fpo_ds.tools import trl_run
+
+    assert runs[method]["tokens"] == [trl_run.token_ids(p) for p in runs[method]["order"]]
 
 
 # Compared per method: the loss, the gradient norm, and the logged quantities that mean the same in both.

@@ -23,6 +23,7 @@ import json
 import random
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 from fpo_ds import pipeline
@@ -401,7 +402,16 @@ def _compare_table(compare: dict, other: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--against" or a.startswith("--against=") for a in argv):  # its own options: see bench_trl
+        from fpo_ds.tools import bench_trl
+
+        bench_trl.main(argv)
+        return
     p = argparse.ArgumentParser(prog="fpo-ds bench", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--against", choices=["trl"], help="DPO against TRL instead (options: fpo-ds bench --against trl -h)"
+    )
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=25)

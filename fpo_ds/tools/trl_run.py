@@ -48,6 +48,28 @@ def conversation(row: dict) -> dict:
     }
 
 
+def fpo_ds_order(pairs: list, seed: int, steps: int, micro: int, world: int) -> list[int]:
+    """Positions into `pairs` in the order fpo-ds trains on them with global batch = micro x world.
+
+    Step by step, and within a step rank by rank (data.micro_batches, longest first on each rank):
+    TRL's sequential sampler hands process r the r-th batch of each step's `world` batches, so fed in
+    this order, every process of TRL gets the pairs the same rank of fpo-ds gets.
+    """
+    from fpo_ds import data
+
+    lengths = [data.padded_length(p) for p in pairs]
+    order = []
+    for step in range(steps):
+        (per_rank,) = data.micro_batches(len(pairs), seed, step, micro * world, micro, world, lengths)
+        order += [j for positions in per_rank for j in positions]
+    return order
+
+
+def token_ids(pair) -> dict:
+    """A pair's token ids in the shape `trained_tokens` reports them."""
+    return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids}
+
+
 def trl_args(run: dict, out: Path, max_length: int):
     """TRL's config for one run, every setting that changes the math matched to an fpo-ds recipe.
 
@@ -185,7 +207,8 @@ def run_one(run: dict, spec: dict) -> None:
     out = Path(spec["out"]) / run["name"]
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        metrics.unlink(missing_ok=True)
     tr = trainer(run, spec["model"], spec["rows"], out, spec.get("max_length", 1024), [_callback(metrics)])
     if tr.is_world_process_zero():
         (out / "tokens.json").write_text(json.dumps(trained_tokens(tr)))
