@@ -268,10 +268,9 @@ def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     stop_at_end_of_turn(model.generation_config, tokenizer)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    from fpo_ds import model_card
-    from fpo_ds.train import versions  # here: train imports this module
+    from fpo_ds import model_card, rundir
 
-    model_card.write(tag_dir, tmp, json.loads((tag_dir / MARKER).read_text())["step"], versions())
+    model_card.write(tag_dir, tmp, json.loads((tag_dir / MARKER).read_text())["step"], rundir.versions())
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

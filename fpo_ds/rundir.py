@@ -7,6 +7,7 @@
 - `prepare(output_cfg)`: `output.resume=never` in a directory that holds a run is refused unless
   `output.overwrite=true`, which moves the old run aside (`<dir>.replaced-<time>`), never deletes it.
 - `repair_metrics(path, step)`: a torn last line (a crash mid-write) is dropped on resume, with a note.
+- `versions()`: what produced a run (library versions, git commit), for run_info.json, DONE.json and model cards.
 """
 
 from __future__ import annotations
@@ -144,3 +145,32 @@ def repair_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def versions() -> dict:
+    """What produced a run: library versions and the git commit of this checkout (if any)."""
+    import subprocess
+
+    import deepspeed
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sae_lens = version("sae-lens")  # read from metadata: importing sae_lens costs seconds
+    except PackageNotFoundError:
+        sae_lens = None
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "sae_lens": sae_lens,
+        "git_commit": commit or None,
+    }

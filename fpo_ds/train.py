@@ -144,34 +144,6 @@ def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | 
 DONE = "DONE.json"  # written last by a run that reached its final step
 
 
-def versions() -> dict:
-    """What produced a run: library versions and the git commit of this checkout (if any)."""
-    import subprocess
-
-    import deepspeed
-    import transformers
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        sae_lens = version("sae-lens")  # read from metadata: importing sae_lens costs seconds
-    except PackageNotFoundError:
-        sae_lens = None
-    return {
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "transformers": transformers.__version__,
-        "sae_lens": sae_lens,
-        "git_commit": commit or None,
-    }
-
-
 class Preemption:
     """Stop cleanly on SIGUSR1 (Slurm's --signal, before the time limit) or SIGTERM (preemption).
 
@@ -265,7 +237,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
             "resume_changes": {k: list(v) for k, v in changes.items()},
             "total_steps": c.total_steps,
             "deepspeed_config": c.ds_cfg,  # as resolved (deepspeed.config=auto records its choice)
-            **versions(),
+            **rundir.versions(),
         }
         if c.objective.ref_kind == "offline":
             info["cache_fingerprints"] = c.reference.manifest["fingerprints"]
@@ -305,7 +277,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
     summary = metrics.run_summary(history, time.time() - t_start, saved, recipe.output)
     dist.log(summary)
     if not preempted and dist.rank() == 0:
-        done_info = {"steps": c.total_steps, "summary": summary, **versions()}
+        done_info = {"steps": c.total_steps, "summary": summary, **rundir.versions()}
         (Path(recipe.output.dir) / DONE).write_text(json.dumps(done_info))
     return Result(history, c, preempted)
 

@@ -180,20 +180,6 @@ FLOPS_PER_PARAM_TOKEN = {  # policy forward + backward = 6N per token; a live re
 }
 
 
-def _params(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in model_dir.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
@@ -270,7 +256,7 @@ def run(args) -> dict:
             "bytes_per_pair": sum(p["bytes"] for p in manifests["fpo"]["parts"]) / manifests["fpo"]["n_pairs"],
         },
     }
-    result["params"] = _params(world / "model")
+    result["params"] = toy.saved_params(world / "model")
     if args.compare_src:
         result["compare"] = _compare(runs, baseline)
     if baseline:

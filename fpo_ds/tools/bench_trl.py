@@ -245,14 +245,13 @@ def trl_rows(world: Path, args, nproc: int) -> tuple[list[dict], list[dict]]:
 def run(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from fpo_ds.tools.bench import _params
 
     result = {"command": args.command, "config": _config(args), "cells": []}
     for name in args.models:
         w = world(work, name, pairs=max(args.nprocs) * args.micro * args.steps)
         for nproc in args.nprocs:
             rows, tokens = trl_rows(w, args, nproc)
-            cell = {"model": name, "params": _params(w / "model"), "procs": nproc, "runs": {}}
+            cell = {"model": name, "params": toy.saved_params(w / "model"), "procs": nproc, "runs": {}}
             cell["runs"] = {label(v): [] for v in args.variants} | {"trl": []}
             for r in range(args.repeats):
                 for v in args.variants:
