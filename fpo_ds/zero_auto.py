@@ -22,7 +22,10 @@ models; auto caps them at the model's parameter count.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 ACT_BYTES_PER_H = 34  # Korthikanti et al. (2022): ~34 s*b*h bytes per layer in 16-bit, no score tensor
@@ -42,8 +45,29 @@ class Choice(NamedTuple):
     reason: str  # one line for the log and run_info.json
 
 
+def saved_params(model_dir: Path) -> int:
+    """Parameters of a saved model, counted from its safetensors headers (no weights read); 0 if none."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                total += math.prod(st.get_slice(k).get_shape())
+    return total
+
+
 def model_facts(model_cfg) -> ModelFacts:
-    """Parameter count and shape from the model's config, built on the meta device (no weights read)."""
+    """Parameter count and shape of the model (no weights read).
+
+    From a local directory's safetensors headers and config.json; else (a hub id) from its config
+    built on the meta device.
+    """
+    local = Path(model_cfg.name_or_path)
+    if (local / "config.json").is_file() and saved_params(local):
+        cfg = json.loads((local / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        return ModelFacts(saved_params(local), cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fpo_ds import pipeline
+from fpo_ds import pipeline, zero_auto
 from fpo_ds.tools import toy
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
@@ -256,7 +256,7 @@ def run(args) -> dict:
             "bytes_per_pair": sum(p["bytes"] for p in manifests["fpo"]["parts"]) / manifests["fpo"]["n_pairs"],
         },
     }
-    result["params"] = toy.saved_params(world / "model")
+    result["params"] = zero_auto.saved_params(world / "model")
     if args.compare_src:
         result["compare"] = _compare(runs, baseline)
     if baseline:

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from fpo_ds import pipeline
+from fpo_ds import pipeline, zero_auto
 from fpo_ds.tools import toy, trl_run
 
 MODELS = {"tiny": (64, 4), "h256x8": (256, 8)}  # toy Llama: hidden size, layers
@@ -251,7 +251,7 @@ def run(args) -> dict:
         w = world(work, name, pairs=max(args.nprocs) * args.micro * args.steps)
         for nproc in args.nprocs:
             rows, tokens = trl_rows(w, args, nproc)
-            cell = {"model": name, "params": toy.saved_params(w / "model"), "procs": nproc, "runs": {}}
+            cell = {"model": name, "params": zero_auto.saved_params(w / "model"), "procs": nproc, "runs": {}}
             cell["runs"] = {label(v): [] for v in args.variants} | {"trl": []}
             for r in range(args.repeats):
                 for v in args.variants:

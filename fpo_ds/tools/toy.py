@@ -140,21 +140,6 @@ def write_world(
     return out
 
 
-def saved_params(model_dir: Path) -> int:
-    """Parameters of a saved model, counted from its safetensors headers (no weights read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
 def random_sae(arch: str, d_in: int, d_sae: int, layer: int, seed: int = 0, **extra):
     """A random sae-lens SAE of the given architecture reading blocks.{layer}.hook_resid_post."""
     import torch
