@@ -71,6 +71,7 @@ DELEGATED = {
     "bench": "fpo_ds.tools.bench",
     "plan": "fpo_ds.tools.plan",
     "generate": "fpo_ds.generate",
+    "compare-report": "fpo_ds.tools.compare",
 }
 
 
@@ -106,6 +107,7 @@ def _run(argv: list[str]) -> int:
     sub.add_parser("bench", help="step time / memory of every method side by side, ratios to SimPO")
     sub.add_parser("plan", help="per-GPU memory estimate for a recipe on N nodes x G GPUs, and what to change")
     sub.add_parser("generate", help="answer AlpacaEval / Arena-Hard / MT-Bench questions into their answer files")
+    sub.add_parser("compare-report", help="the table of a slurm/compare.sh run: held-out metrics, answers, judges")
     v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
