@@ -323,9 +323,11 @@ def test_report_refuses_an_unknown_judge_column(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end on the test Slurm
 
-# The test Slurm's node has 2 CPUs and no GPU: training jobs take both (2 ranks), generation one rank.
+# The test Slurm's node has 2 CPUs and no GPU: 2 ranks per training job, one per generate job. Jobs
+# may share the CPUs (--oversubscribe; the test partition allows up to 4 jobs per CPU), so the
+# independent ones run side by side as on a cluster, instead of one after another.
 CPU_SLURM = {
-    "SBATCH_EXTRA": "--gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1",
+    "SBATCH_EXTRA": "--gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 --oversubscribe",
     "SBATCH_GENERATE": "--ntasks-per-node=1",
 }
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
