@@ -23,6 +23,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$( [ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3 )}
 export PYTHON  # the jobs' scripts run the same interpreter
 [ $# -ge 1 ] || { sed -n '2,4p' "$0" >&2; exit 2; }
+for arg in "$@"; do  # the usage here: the planner's help text must never reach the eval below
+  case $arg in -h | --help) sed -n '2,20p' "$0"; exit 0 ;; esac
+done
 size=$1
 shift
 # Resolve every stage's recipe (and fail on a mistake) before anything is queued: the planner writes

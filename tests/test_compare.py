@@ -101,7 +101,7 @@ def test_planner_refuses_a_mistake_before_queueing(tmp_path):
     bad.write_text('{"question_id": 1}\n')
     with pytest.raises(SystemExit) as e:
         compare_plan.main(["2b", "--root", str(tmp_path / "r"), f"--mt-bench={bad}"])
-    assert "no 'turns'" in str(e.value) or "turns" in str(e.value)
+    assert f"{bad}: line 1: 'turns' is None" in str(e.value)
     assert not (tmp_path / "r" / "compare.json").exists()
 
 
