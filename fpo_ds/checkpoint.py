@@ -191,6 +191,16 @@ def saved_world(tag_dir: Path) -> int:
     return int(verify(tag_dir).get("world_size", dist.world_size()))
 
 
+def partitioned(tag_dir: Path) -> bool:
+    """Whether a checkpoint holds ZeRO-partitioned optimizer states (ZeRO 1-3), not one whole copy (stage 0)."""
+    return any(tag_dir.glob("*zero_pp_rank_*"))
+
+
+def needs_universal(tag_dir: Path) -> bool:
+    """A resume on another world size must go through the universal form: only partitioned states are per rank."""
+    return partitioned(tag_dir) and saved_world(tag_dir) != dist.world_size()
+
+
 def universal_dir(tag_dir: Path) -> Path:
     """Where a checkpoint's world-size-free (DeepSpeed universal) form lives: checkpoints/universal/<tag>."""
     return tag_dir.parent / "universal" / tag_dir.name
@@ -232,7 +242,7 @@ def load(engine, tag_dir: Path) -> dict:
     builds the engine with `checkpoint.load_universal`); the ranks' RNG streams then start afresh.
     """
     same_world = saved_world(tag_dir) == dist.world_size()
-    src = tag_dir if same_world else universal_dir(tag_dir)
+    src = universal_dir(tag_dir) if needs_universal(tag_dir) else tag_dir
     _, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=True)
     if client is None:
         raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
@@ -253,7 +263,14 @@ def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export: {out} exists and is not empty; pick a new directory")
     cfg = AutoConfig.from_pretrained(tag_dir / "hf")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if partitioned(tag_dir):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # stage 0: the whole module in DeepSpeed's model-states file
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"export: {tag_dir} has neither ZeRO partitions nor mp_rank_*_model_states.pt")
+        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = {k: v.float() for k, v in module.items()}
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

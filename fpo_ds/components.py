@@ -177,11 +177,7 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
 
     dist.init(recipe.deepspeed.timeout_minutes)
     t, world = recipe.train, dist.world_size()
-    systems = None
-    if recipe.deepspeed.config == ds_config.AUTO:
-        choice = zero_auto.resolve(recipe, world, dist.local_world_size())
-        dist.log(choice.reason)
-        systems = choice.systems
+    systems = _auto_systems(recipe, role, world) if recipe.deepspeed.config == ds_config.AUTO else None
     ds_cfg = ds_config.build(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world, systems)
     ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
     if load_universal:
@@ -220,6 +216,25 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
     )
     parts = (recipe, ds_cfg, device, tok, pairs, fingerprint, steps, engine, features, obj, reference)
     return Components(*parts, evaluation)
+
+
+def _auto_systems(recipe: C.Recipe, role: Role, world: int) -> dict:
+    """deepspeed.config=auto: the resumed run's choice (its checkpoint's layout), else a fresh one."""
+    import json
+    from pathlib import Path
+
+    from fpo_ds import checkpoint
+
+    info = Path(recipe.output.dir) / "run_info.json"
+    if role == "train" and checkpoint.find_resume(recipe.output) is not None and info.is_file():
+        saved = json.loads(info.read_text()).get("deepspeed_config")
+        if saved:
+            drop = (*ds_config.BATCH_KEYS, "steps_per_print", "zero_allow_untested_optimizer", "checkpoint")
+            dist.log(f"deepspeed.config=auto: resuming under the run's choice (stage {ds_config.zero_stage(saved)})")
+            return {k: v for k, v in saved.items() if k not in drop}
+    choice = zero_auto.resolve(recipe, world, dist.local_world_size())
+    dist.log(choice.reason)
+    return choice.systems
 
 
 def _reference_engine(recipe: C.Recipe, ds_cfg: dict, device: str):

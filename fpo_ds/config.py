@@ -141,7 +141,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     """Halt after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
     eval_every: int = 0
-    """Held-out metrics (data.eval_split / data.eval_fraction) every N steps; at the end whenever set (0: end only)."""
+    """Held-out metrics (data.eval_split / data.eval_fraction) every N steps, and at step 0 (the starting
+    policy, before any update) when N > 0; after the last step whenever held-out pairs are set (0: end only)."""
 
 
 @dataclass(frozen=True)

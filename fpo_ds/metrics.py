@@ -228,6 +228,8 @@ class Writer:
                 self.tb.add_scalar(k, v, step)
         if self.wandb:
             self.wandb.log(metrics, step=step)
+        if step == 0:  # the held-out baseline before training: its own line (evaluation)
+            return
         if step % self.cfg.every == 0 or step == self.total:
             self._progress(step, metrics, first_step)
 

@@ -37,6 +37,7 @@ class MicroResult(NamedTuple):
     sae: Encoded | None  # FPO: the feature read (bytes moved, encode time)
     cache_read_s: float  # host time spent reading the offline cache
     stop: bool  # some rank has been asked to stop (preemption), as of this micro-batch
+    grad_norm: float | None = None  # the step's gradient norm where DeepSpeed keeps none (fp32 without ZeRO)
 
 
 class StepResult(NamedTuple):
@@ -93,13 +94,29 @@ def micro_step(
         return MicroResult(None, "loss", sae, read_s, stop)
     c.engine.backward(out.losses.mean())
     boundary = c.engine.is_gradient_accumulation_boundary()  # this micro-batch ends the step
+    own_norm = _plain_grad_norm(c.engine) if boundary else None
+    if own_norm is not None and not math.isfinite(own_norm):
+        c.engine.module.zero_grad(set_to_none=True)  # as DeepSpeed's ZeRO optimizers do: no update this step
     c.engine.step()
     # DeepSpeed's ZeRO optimizers (deepspeed pinned in pyproject) skip a step whose gradient norm is
     # not finite, zeroing the gradients; under fp16 that is routine loss scaling, not a fault.
     bad_grad = boundary and getattr(c.engine.optimizer, "overflow", False) and not c.engine.fp16_enabled()
+    bad_grad = bad_grad or (own_norm is not None and not math.isfinite(own_norm))
     sums = metrics.pair_metrics(out, pol)
     sums["tokens"] = batch.attention_mask.sum().double()
-    return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s, stop)
+    return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s, stop, own_norm)
+
+
+def _plain_grad_norm(engine) -> float | None:
+    """The gradient norm (after DeepSpeed's all-reduce) where DeepSpeed reports none: fp32 without ZeRO.
+
+    Its stage-0 fp32 path clips but keeps no norm and steps on a non-finite gradient; ZeRO and the
+    16-bit optimizers keep both (get_global_grad_norm, overflow). None where DeepSpeed has it.
+    """
+    if engine.zero_optimization_stage() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | None = None) -> StepResult:
@@ -121,7 +138,10 @@ def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | 
     skip = next((x.skip for x in results if x.skip), None)
     if skip == "gradient":  # the whole step's accumulated gradient was dropped
         skipped = [c.pairs[j].example_id for positions in plan for j in positions[rank]]
-    grad_norm = float("nan") if skip == "gradient" else float(c.engine.get_global_grad_norm() or 0.0)
+    own = results[-1].grad_norm
+    grad_norm = float("nan") if skip == "gradient" else own if own is not None else float(
+        c.engine.get_global_grad_norm() or 0.0
+    )
     m = metrics.step_metrics(
         [x.sums for x in results if x.sums is not None],
         c.device,
@@ -188,7 +208,7 @@ def _claim(recipe: C.Recipe):
     resume_dir = checkpoint.find_resume(recipe.output)
     if resume_dir is not None:
         checkpoint.check_resume(resume_dir, recipe)
-        if checkpoint.saved_world(resume_dir) != dist.world_size():
+        if checkpoint.needs_universal(resume_dir):
             checkpoint.to_universal(resume_dir)
     return lock
 
@@ -223,7 +243,7 @@ def _resume(c: Components, recipe: C.Recipe) -> Resumed:
 def _run(recipe: C.Recipe, stop: Preemption) -> Result:
     t_start = time.time()
     resume_dir = checkpoint.find_resume(recipe.output)
-    other_world = resume_dir is not None and checkpoint.saved_world(resume_dir) != dist.world_size()
+    other_world = resume_dir is not None and checkpoint.needs_universal(resume_dir)
     c = build(recipe, "train", load_universal=other_world)
     start, resume_dir, changes, num_tokens = _resume(c, recipe)
     if dist.rank() == 0:
@@ -246,6 +266,10 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
     history, preempted, bad_run, bad_total, saved = [], False, 0, 0, None
     lengths = [data.padded_length(p) for p in c.pairs]
     steps_per_epoch = len(c.pairs) // recipe.train.global_batch_size
+    if c.evaluation is not None and recipe.train.eval_every and start == 0:  # the starting policy's baseline
+        base = evaluation.evaluate(c)
+        dist.log(metrics.eval_line(0, base))
+        writer.write(0, base, start)
     for step in range(start, c.total_steps):
         m, skipped, reason, preempted = train_step(c, step, lengths, stop)
         bad_run = bad_run + 1 if skipped else 0

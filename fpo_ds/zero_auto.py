@@ -1,14 +1,21 @@
 """`deepspeed.config: auto`: pick the ZeRO stage, precision and bucket sizes for this model and machine.
 
-ZeRO-3 partitions the parameters, so every forward and backward all-gathers them module by
-module: on a model whose states fit whole on each accelerator that is pure overhead (on small
-models it doubles the step time). So auto takes ZeRO-2 (gradients and optimizer states
-partitioned, parameters whole) when a rank's peak under ZeRO-2 fits in FIT_FRACTION of its
-memory, and ZeRO-3 otherwise. Per rank, under ZeRO-2:
+Each ZeRO stage trades communication for memory: ZeRO-2 partitions gradients and optimizer states
+(a reduce-scatter and an all-gather per step instead of one all-reduce, plus its partition
+bookkeeping), ZeRO-3 also the parameters (every module all-gathered in forward and backward: on
+small models that doubles the step time). None of it pays while the states fit whole. So auto
+takes the first rung whose per-rank peak fits in FIT_FRACTION of a rank's memory:
 
-    weights            P x w             (w: 2 bytes in bf16, 4 in fp32)
-    gradients          P x w             (whole before the reduce-scatter, in the worst case)
-    optimizer states   P x (8 + m) / N   (Adam's two fp32 moments; m = 4 for bf16's fp32 master copy)
+    stage 0 (data parallel, as DDP)    every state whole on every rank
+    ZeRO-2                             optimizer states over the N ranks
+    ZeRO-3                             otherwise
+
+Per rank (w: 2 bytes per parameter in bf16, 4 in fp32):
+
+    weights            P x w
+    gradients          P x w             (whole before the all-reduce / reduce-scatter)
+    optimizer states   P x (8 + m)       (Adam's two fp32 moments; m = 4 for bf16's fp32 master copy),
+                                          / N under ZeRO-2
     live reference     P x w             (DPO/IPO with loss.reference=live, TDPO)
     activations        tokens x hidden x ACT_BYTES_PER_H x layers (x w / 2), or with checkpointing
                        tokens x hidden x (2 x layers + ACT_BYTES_PER_H) (x w / 2)
@@ -16,8 +23,8 @@ memory, and ZeRO-3 otherwise. Per rank, under ZeRO-2:
 
 Memory is the accelerator's (CUDA: the device's total), on the CPU accelerator the host's RAM
 shared by the node's ranks. Precision: bf16 where the accelerator supports it, fp32 on the CPU.
-Buckets: DeepSpeed's defaults (5e8 elements) allocate buffers sized for billion-parameter
-models; auto caps them at the model's parameter count.
+Buckets: DeepSpeed's defaults (5e8 elements) size buffers for billion-parameter models; auto caps
+them at the model's parameter count. A resumed run keeps the choice its checkpoint was saved under.
 """
 
 from __future__ import annotations
@@ -80,8 +87,8 @@ def model_facts(model_cfg) -> ModelFacts:
     return ModelFacts(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size)
 
 
-def zero2_bytes(recipe, facts: ModelFacts, world: int, item: int) -> dict[str, int]:
-    """Per-rank peak items under ZeRO-2 (module docstring); `item`: bytes per parameter (2 or 4)."""
+def rank_bytes(recipe, facts: ModelFacts, world: int, item: int, stage: int) -> dict[str, int]:
+    """Per-rank peak items at ZeRO `stage` 0 or 2 (module docstring); `item`: bytes per parameter (2 or 4)."""
     from fpo_ds.losses import LOGIT_CHUNK
 
     p = facts.params
@@ -93,7 +100,7 @@ def zero2_bytes(recipe, facts: ModelFacts, world: int, item: int) -> dict[str, i
     out = {
         "weights": p * item,
         "gradients": p * item,
-        "optimizer": p * (8 + master) // world,
+        "optimizer": p * (8 + master) // (world if stage else 1),
         "activations": tokens * facts.hidden * per_layer * item // 2,
         "logits": min(LOGIT_CHUNK, tokens) * facts.vocab * 12,
     }
@@ -104,26 +111,28 @@ def zero2_bytes(recipe, facts: ModelFacts, world: int, item: int) -> dict[str, i
 
 
 def choose(recipe, facts: ModelFacts, world: int, memory_bytes: int, bf16: bool) -> Choice:
-    """ZeRO-2 when its per-rank peak fits in FIT_FRACTION of `memory_bytes`, else ZeRO-3 (pure)."""
+    """The first of stage 0, ZeRO-2 whose per-rank peak fits in FIT_FRACTION of `memory_bytes`; else ZeRO-3."""
     item = 2 if bf16 else 4
-    need = sum(zero2_bytes(recipe, facts, world, item).values())
+    need = {stage: sum(rank_bytes(recipe, facts, world, item, stage).values()) for stage in (0, 2)}
+    stage = next((st for st in (0, 2) if need[st] <= FIT_FRACTION * memory_bytes), 3)
     bucket = int(min(DEFAULT_BUCKET, max(facts.params, 1)))
-    fits = need <= FIT_FRACTION * memory_bytes
-    zero = {"stage": 2 if fits else 3, "overlap_comm": True, "contiguous_gradients": True}
-    zero["reduce_bucket_size"] = bucket
-    if fits:
+    zero: dict = {"stage": stage}
+    if stage == 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=bucket)
         zero["allgather_bucket_size"] = bucket
-    else:
+    elif stage == 3:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=bucket)
         zero["stage3_prefetch_bucket_size"] = int(min(50_000_000, bucket))
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     systems = {"zero_optimization": zero, "gradient_clipping": 1.0}
     if bf16:
         systems["bf16"] = {"enabled": True}
-    gib = 2**30
+    gib, limit = 2**30, FIT_FRACTION * memory_bytes
+    name = {0: "stage 0 (data parallel, no ZeRO)", 2: "ZeRO-2", 3: "ZeRO-3"}[stage]
     reason = (
-        f"deepspeed.config=auto: ZeRO-{zero['stage']}, {'bf16' if bf16 else 'fp32'}, buckets {bucket:,} elements: "
-        f"{facts.params:,} parameters need ~{need / gib:.2f} GiB per rank under ZeRO-2, "
-        f"{'within' if fits else 'over'} {FIT_FRACTION:.0%} of {memory_bytes / gib:.1f} GiB per rank"
+        f"deepspeed.config=auto: {name}, {'bf16' if bf16 else 'fp32'}: {facts.params:,} parameters need "
+        f"~{need[0] / gib:.2f} GiB per rank whole, ~{need[2] / gib:.2f} GiB under ZeRO-2; "
+        f"{FIT_FRACTION:.0%} of {memory_bytes / gib:.1f} GiB per rank is {limit / gib:.1f} GiB"
     )
     return Choice(systems, reason)
 

@@ -115,7 +115,9 @@ def runs(tmp_path_factory):
         {
             "name": "auto",
             "stage": "train",
-            "recipe": _recipe(tmp, g, "auto", loss={"method": "dpo"}, deepspeed={"config": "auto"}),
+            "recipe": _recipe(
+                tmp, g, "auto", loss={"method": "dpo"}, deepspeed={"config": "auto"}, output={"save_every": 2}
+            ),
         }
     )
     spec.append(
@@ -171,6 +173,15 @@ def runs(tmp_path_factory):
     one_spec = [
         {"name": "fpo_1rank", "stage": "train", "recipe": _recipe(tmp, g, "fpo-1rank", **fpo)},
         {"name": "fpo_eval_1rank", "stage": "train", "recipe": _recipe(tmp, g, "fpo-eval-1rank", **ev)},
+        {
+            "name": "auto_resume_1rank",  # the 2-rank stage-0 checkpoint, resumed on 1 rank (no conversion)
+            "stage": "train",
+            "recipe": str(tmp / "auto.yaml"),
+            "overrides": [
+                f"output.resume={tmp / 'runs' / 'auto' / 'checkpoints' / 'step_00000002'}",
+                f"output.dir={tmp / 'runs' / 'auto-1rank'}",
+            ],
+        },
         {
             "name": "rank1_micro2",
             "stage": "train", "dump": True,
@@ -242,12 +253,31 @@ def test_bf16_zero2_and_offload_train(runs):
         assert abs(hist[0]["loss"] - LN2) < 2e-2  # bf16 logits: ln 2 up to rounding
 
 
-def test_auto_picks_zero2_for_a_tiny_model_and_matches_zero3(runs):
+def test_auto_picks_plain_data_parallel_for_a_tiny_model_and_matches_zero3(runs, tmp_path):
+    from fpo_ds import checkpoint
+
     info = json.loads((runs["tmp"] / "runs" / "auto" / "run_info.json").read_text())
-    zero = info["deepspeed_config"]["zero_optimization"]
-    assert zero["stage"] == 2 and "bf16" not in info["deepspeed_config"]  # fp32 on the CPU accelerator
-    # same recipe as gemma2-dpo but for the JSON: ZeRO-2 and ZeRO-3 train the same numbers
-    assert _losses(runs["two"], "auto") == pytest.approx(_losses(runs["two"], "gemma2-dpo"), abs=1e-5)
+    assert info["deepspeed_config"]["zero_optimization"] == {"stage": 0}
+    assert "bf16" not in info["deepspeed_config"]  # fp32 on the CPU accelerator
+    # same recipe as gemma2-dpo but for the JSON: stage 0 and ZeRO-3 train the same numbers, and the
+    # gradient norm (which DeepSpeed keeps none of at stage 0 in fp32) is the same too
+    auto, z3 = runs["two"]["auto"]["history"], runs["two"]["gemma2-dpo"]["history"]
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert [h[key] for h in auto] == pytest.approx([h[key] for h in z3], abs=1e-5), key
+    assert all(h["grad_norm"] > 0 for h in auto)
+    # a stage-0 checkpoint resumes on another world size as it is, and exports
+    resumed = runs["one"]["auto_resume_1rank"]["history"]
+    assert [h["step"] for h in resumed] == [3] and resumed[0]["loss"] == pytest.approx(auto[2]["loss"], abs=1e-5)
+    tag = runs["tmp"] / "runs" / "auto" / "checkpoints" / "step_00000003"
+    assert not checkpoint.partitioned(tag)
+    from safetensors.torch import load_file
+
+    got = load_file(checkpoint.export(tag, tmp_path / "hf") / "model.safetensors")
+    z3_tag = runs["tmp"] / "runs" / "gemma2-dpo" / "checkpoints" / "step_00000003"
+    want = load_file(checkpoint.export(z3_tag, tmp_path / "hf-z3") / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
 
 
 def test_tensorboard_and_offline_wandb_when_asked(runs):
@@ -319,8 +349,12 @@ def test_held_out_metrics_every_n_steps_resume_exactly_and_match_one_rank(runs):
     one = runs["one"]["fpo_eval_1rank"]["history"]
     for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_fpo/feature_mse_rejected"):
         assert one[3][key] == pytest.approx(hist[3][key], abs=1e-4), key
-    lines = (runs["tmp"] / "runs" / "fpo-eval" / "metrics.jsonl").read_text().splitlines()
-    assert "eval_rewards/accuracies" in json.loads(lines[1])  # written to metrics.jsonl too
+    recs = [json.loads(x) for x in (runs["tmp"] / "runs" / "fpo-eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "eval_rewards/accuracies" in r] == [0, 2, 4]  # step 0: the starting policy
+    # at step 0 the policy is the reference: zero margins, zero feature distance, DPO loss ln 2
+    assert recs[0]["eval_rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert recs[0]["eval_fpo/feature_mse_chosen"] == pytest.approx(0, abs=1e-4)
+    assert recs[0]["eval_loss"] == pytest.approx(LN2, abs=1e-4)
 
 
 def test_held_out_metrics_with_a_live_reference(runs):

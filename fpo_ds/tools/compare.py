@@ -54,8 +54,11 @@ DASH = "–"
 # ----------------------------------------------------------------------------- what the runs measured
 
 
-def last_eval(metrics_path: Path) -> dict:
-    """The last metrics.jsonl record holding held-out (`eval_*`) metrics, with its step; {} if none."""
+def last_eval(metrics_path: Path, step: int | None = None) -> dict:
+    """The last metrics.jsonl record holding held-out (`eval_*`) metrics (or the one at `step`), with its step.
+
+    {} if none.
+    """
     found: dict = {}
     if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
@@ -63,9 +66,22 @@ def last_eval(metrics_path: Path) -> dict:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line (a crash mid-write)
-            if any(k.startswith("eval_") for k in rec):
+            if any(k.startswith("eval_") for k in rec) and step in (None, rec.get("step")):
                 found = rec
     return {k: v for k, v in found.items() if k.startswith("eval_") or k == "step"}
+
+
+def starting_policy_eval(plan: dict) -> dict:
+    """The SFT model's held-out metrics when no SFT run was made here; {} if none.
+
+    Step 0 of a method's run: the starting policy, before any update (logged when train.eval_every > 0).
+    """
+    for row, info in plan["rows"].items():
+        if row != "sft" and info["run_dir"]:
+            ev = last_eval(Path(info["run_dir"]) / "metrics.jsonl", step=0)
+            if ev:
+                return ev
+    return {}
 
 
 def held_out(ev: dict) -> dict:
@@ -186,6 +202,8 @@ def collect(root: Path) -> dict:
     for row, info in plan["rows"].items():
         run = Path(info["run_dir"]) if info["run_dir"] else None
         ev = last_eval(run / "metrics.jsonl") if run else {}
+        if row == "sft" and not run:
+            ev = starting_policy_eval(plan)
         done = run is not None and (run / "DONE.json").is_file()
         answers = {fmt: answer_stats(Path(p)) for fmt, p in info["answers"].items()}
         cells = held_out(ev) | {c: judged.get(info["model_id"], {}).get(c) for c in JUDGED}
