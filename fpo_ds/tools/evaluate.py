@@ -140,13 +140,14 @@ def evaluate(
         pol = ref if name == "reference" else load_model(path)
         st = ref_stats if name == "reference" else pair_stats(pol, pairs, tok.pad_token_id, sae, layer)
         margins = beta * ((st["sum_c"] - ref_stats["sum_c"]) - (st["sum_r"] - ref_stats["sum_r"]))
-        r = {
-            "preference_accuracy": (st["mean_c"] > st["mean_r"]).float().mean().item(),
-            "reward_margin": margins.mean().item(),
-        }
+        correct = (st["mean_c"] > st["mean_r"]).float()
+        # Per-pair and per-prompt values are kept so that differences can be bootstrapped over pairs.
+        r = {"preference_accuracy": correct.mean().item(), "pref_correct": correct.tolist()}
+        r["reward_margin"] = margins.mean().item()
         if sae is not None:
-            drift = torch.cat([st["feat_c"] - ref_stats["feat_c"], st["feat_r"] - ref_stats["feat_r"]])
-            r["feature_mse"] = drift.pow(2).mean().item()
+            drift = torch.stack([st["feat_c"] - ref_stats["feat_c"], st["feat_r"] - ref_stats["feat_r"]], 1)
+            r["feature_mse"] = drift.pow(2).mean().item()  # (pairs, 2, d_sae): chosen and rejected
+            r["feature_mse_pairs"] = drift.pow(2).mean((1, 2)).tolist()
         gens = generate(pol, tok, prompts, max_new_tokens, seed)
         texts = [tok.decode(g, skip_special_tokens=True).strip() for g in gens]
         r["seq_kl"], r["entropy"] = kl_and_entropy(pol, ref, tok, prompts, gens)
