@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fpo_ds.tools import demo as D
 from fpo_ds.tools import evaluate, report
 
 pytestmark = pytest.mark.multiproc
@@ -35,11 +36,15 @@ def test_report_is_computed_from_the_runs(demo):
     text = (out / "report.md").read_text()
     results = [json.loads((out / "eval" / "seed1" / "results.json").read_text())]
     assert report.tables(results, METHODS) in text and report.tables(results, METHODS) in log
+    rows = report.differences(results, METHODS)
+    assert report.differences_table(rows) in text and report.significance_sentences(rows) in text
+    assert "Numerics: ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=COMPATIBLE, OMP_NUM_THREADS=1." in text
+    assert f"Results fingerprint: {report.fingerprint(out, 1)}." in text
     assert (out / "curves.png").stat().st_size > 1000
     for m in METHODS:  # every method trained through the distributed trainer and was evaluated
         assert (out / "runs" / f"{m}-s1" / "DONE.json").is_file()
         gens = json.loads((out / "eval" / "seed1" / "generations" / f"{m}.json").read_text())
-        assert set(gens[0]) == {"instruction", "output", "generator"} and len(gens) == 128
+        assert set(gens[0]) == {"instruction", "output", "generator"} and len(gens) == 256
 
 
 def test_every_method_beats_sft_and_fpo_drifts_least(demo):
@@ -56,3 +61,15 @@ def test_rerun_skips_completed_stages(demo):
     log = _demo(out)
     assert "sft: complete, skipped" in log and "methods: complete, skipped" in log
     assert "torch.distributed.run" not in log and time.time() - t0 < 120
+
+
+def test_resuming_refuses_a_directory_made_with_other_settings(tmp_path):
+    settings = {"layout": 2, "steps": 60, "sft_steps": 300, "n_eval": 256}
+    D._check_layout(tmp_path, settings)
+    D._check_layout(tmp_path, settings)  # same settings: resumes
+    with pytest.raises(SystemExit, match="made with"):
+        D._check_layout(tmp_path, {**settings, "steps": 30})
+    old = tmp_path / "old"
+    (old / "world").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="older version"):
+        D._check_layout(old, settings)

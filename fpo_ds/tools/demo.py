@@ -1,15 +1,19 @@
 """`fpo-ds demo`: the whole FPO pipeline on the embedded tiny world, on CPU, in minutes.
 
-world -> SFT (the reference) -> JumpReLU SAE on its residual stream -> offline cache ->
-DPO, SimPO, TDPO-2, FPO from the SFT model (same data order per seed, several seeds) ->
-eval -> report (markdown table + plots). Training and the cache go through the same
-`train` / `build-cache` code as a cluster run (2 ranks, ZeRO-3, CPU), launched with torchrun.
+Per seed: world (data, tokenizer, random init) -> SFT (the reference) -> JumpReLU SAE on its
+residual stream -> offline cache -> DPO, SimPO, TDPO-2, FPO from that SFT model (one data order
+per seed) -> eval; then the report (tables, paired bootstrap CIs, plots) over the seeds.
+Training and the cache go through the same `train` / `build-cache` code as a cluster run
+(2 ranks, ZeRO-3, CPU), launched with torchrun.
 Every stage is skipped when its output is complete, so re-running resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -20,10 +24,25 @@ from fpo_ds.tools import evaluate, report, toy
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
 METHODS = ("dpo", "simpo", "tdpo2", "fpo")
 SAE_LAYER = 3  # the last of the tiny model's 4 blocks: the paper finds layers near the output best
+PREF_PAIRS = 1024  # of the world's 4096: a run sees 60 steps x 8 = 480 pairs, and the cache covers only these
+WORLD_SEED_STRIDE = 10  # world s draws from seeds 10s, 10s+1, 10s+2 (train, eval, SFT noise): no two worlds share one
+# Same kernels on every x86 CPU with AVX2, for this process and the ranks it launches (they inherit
+# os.environ). Left alone, ATen picks its AVX-512 or AVX2 kernels by CPU (softmax, norms and
+# reductions then sum in another order), MKL picks its GEMM code path by CPU and vendor, and the
+# thread count splits reductions: any of these changes the last bits, and the runs amplify them.
+NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
 
 
 def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
+
+
+def pin_numerics() -> str:
+    """Put NUMERICS into os.environ before any kernel runs; says what took effect."""
+    os.environ.update(NUMERICS)
+    got = torch.backends.cpu.get_cpu_capability()  # fixed at the first kernel call, AVX2 if the env was in time
+    note = "" if got == "AVX2" else f" (ATen runs {got} kernels here: the numbers will not match other machines)"
+    return ", ".join(f"{k}={v}" for k, v in NUMERICS.items()) + note
 
 
 def _launch(out: Path, name: str, stages: list[dict], nproc: int) -> None:
@@ -48,12 +67,15 @@ def _residuals(model_dir: Path, data_path: Path, layer: int, limit: int = 20000)
 
     model, tok = evaluate.load_model(model_dir), M.load_tokenizer(str(model_dir))
     pairs, _ = data.build_pairs(data.load_rows(str(data_path), "train"), tok, 64, 32, "drop", str(data_path))
-    tap, acts = M.ResidualTap(model, layer), []
+    tap, acts, n = M.ResidualTap(model, layer), [], 0
     for i in range(0, len(pairs), 32):
+        if n >= limit:  # the first `limit` rows are all the SAE sees: skip the forward passes past them
+            break
         batch = data.collate(pairs[i : i + 32], tok.pad_token_id)
         tap.arm()
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         acts.append(tap.take()[batch.attention_mask.bool()])
+        n += len(acts[-1])
     return torch.cat(acts)[:limit]
 
 
@@ -93,16 +115,43 @@ def train_sae(model_dir: Path, data_path: Path, out: Path, d_sae: int = 256, ste
     return out
 
 
-def _stage(kind: str, out: Path, overrides: dict) -> dict:
+def _stage(kind: str, overrides: dict) -> dict:
     return {"stage": kind, "recipe": str(RECIPE), "overrides": [f"{k}={v}" for k, v in overrides.items()]}
 
 
+def seed_dir(out: Path, seed: int) -> Path:
+    """Everything seed `seed` builds before preference training: world/, sft/ (the reference), sae/, cache/."""
+    return out / f"seed{seed}"
+
+
+def sft_overrides(out: Path, seed: int, steps: int) -> dict:
+    return {
+        "model.name_or_path": seed_dir(out, seed) / "world/model",
+        "data.path": seed_dir(out, seed) / "world/data/sft.jsonl",
+        "data.seed": seed,
+        "loss.method": "sft",
+        "train.seed": seed,
+        "train.max_steps": steps,
+        "train.epochs": 4,
+        "train.lr": 1e-3,  # at 3e-3, 2 of 4 seeds' models sat at the unigram loss (~1.6) for all 300 steps
+        "train.warmup_steps": 20,
+        "train.global_batch_size": 16,
+        "train.micro_batch_size": 8,
+        "output.dir": out / "runs" / f"sft-s{seed}",
+        "output.save_every": 0,
+        "logging.every": 50,
+    }
+
+
 def method_overrides(out: Path, method: str, seed: int, steps: int) -> dict:
+    d = seed_dir(out, seed)
     o = {
-        "model.name_or_path": out / "sft",
-        "data.path": out / "world/data/train.jsonl",
+        "model.name_or_path": d / "sft",
+        "data.path": d / "world/data/train.jsonl",
+        "data.max_samples": PREF_PAIRS,
         "loss.method": method,
         "data.seed": seed,
+        "train.seed": seed,
         "train.max_steps": steps,
         "train.lr": 3e-4,
         "train.warmup_steps": 5,
@@ -111,55 +160,86 @@ def method_overrides(out: Path, method: str, seed: int, steps: int) -> dict:
         "logging.every": 20,
     }
     if method == "fpo":
-        o.update({"sae.path": out / "sae", "sae.k": 16, "cache.dir": out / "cache", "loss.alpha": 0.5})
+        o.update({"sae.path": d / "sae", "sae.k": 16, "cache.dir": d / "cache", "loss.alpha": 0.5})
     return o
 
 
-def run(out: Path, seeds: int, steps: int, nproc: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    world = out / "world"
-    if not (world / "model" / "config.json").is_file():
-        toy.write_world(world, "gemma2", n_train=4096, n_eval=128)
-    say(f"world: {world}")
-    sft = {
-        "model.name_or_path": world / "model",
-        "data.path": world / "data/sft.jsonl",
-        "loss.method": "sft",
-        "train.max_steps": 800,
-        "train.epochs": 4,
-        "train.lr": 3e-3,
-        "train.warmup_steps": 20,
-        "train.global_batch_size": 16,
-        "train.micro_batch_size": 8,
-        "output.dir": out / "runs/sft",
-        "output.save_every": 0,
-        "logging.every": 50,
-    }
-    _launch(out, "sft", [_stage("train", out, sft)], nproc)
-    _export_final(out / "runs/sft", out / "sft")
-    if not (out / "sae" / "cfg.json").is_file():
-        train_sae(out / "sft", world / "data/train.jsonl", out / "sae")
-    cache_stage = _stage(
-        "build-cache", out, {**method_overrides(out, "fpo", 1, steps), "output.dir": out / "runs/cache"}
-    )
-    runs = [_stage("train", out, method_overrides(out, m, s, steps)) for s in range(1, seeds + 1) for m in METHODS]
-    _launch(out, "methods", [cache_stage, *runs], nproc)
-    for s in range(1, seeds + 1):
-        res = out / "eval" / f"seed{s}" / "results.json"
-        if res.is_file():
-            continue
-        models = {m: str(_export_final(out / "runs" / f"{m}-s{s}", out / "models" / f"{m}-s{s}")) for m in METHODS}
-        say(f"eval seed {s}")
-        evaluate.evaluate(
-            models,
-            str(out / "sft"),
-            str(world / "data/eval.jsonl"),
-            str(res.parent),
-            sae_path=str(out / "sae"),
-            judge=toy.judge,
-            seed=s,
+def _check_layout(out: Path, settings: dict) -> None:
+    """Refuse to resume in a directory made with other settings (its stages would be skipped as complete)."""
+    marker = out / "demo.json"
+    if marker.is_file():
+        made = json.loads(marker.read_text())
+        if made != settings:
+            raise SystemExit(f"{out} holds a demo made with {made}, not {settings}: remove it or pick another --out")
+    elif (out / "world").exists() or (out / "runs").exists():
+        raise SystemExit(
+            f"{out} holds a demo made by an older version (one shared world): remove it or pick another --out"
         )
-    path = report.write(out, METHODS, seeds)
+    else:
+        marker.write_text(json.dumps(settings))
+
+
+def _prepare(out: Path, seeds: range, sft_steps: int, n_eval: int, nproc: int) -> None:
+    """Per seed: world (data, tokenizer, random init), SFT -> the reference, SAE on the reference."""
+    for s in seeds:
+        world = seed_dir(out, s) / "world"
+        if not (world / "model" / "config.json").is_file():
+            toy.write_world(world, "gemma2", n_train=4096, n_eval=n_eval, seed=WORLD_SEED_STRIDE * s)
+    _launch(out, "sft", [_stage("train", sft_overrides(out, s, sft_steps)) for s in seeds], nproc)
+    for s in seeds:
+        d = seed_dir(out, s)
+        _warn_if_sft_failed(out / "runs" / f"sft-s{s}" / "metrics.jsonl", s)
+        _export_final(out / "runs" / f"sft-s{s}", d / "sft")
+        if not (d / "sae" / "cfg.json").is_file():
+            train_sae(d / "sft", d / "world/data/train.jsonl", d / "sae", seed=s)
+
+
+def _warn_if_sft_failed(metrics_path: Path, seed: int, plateau: float = 1.2) -> None:
+    """An SFT run that ends near the unigram loss (~1.6 nats) has not learnt to copy: its seed is not comparable."""
+    last = json.loads(metrics_path.read_text().splitlines()[-1])
+    if last["loss"] > plateau:
+        say(f"WARNING: seed {seed}'s SFT ended at loss {last['loss']:.2f} (> {plateau}): it did not learn to copy")
+
+
+def _evaluate(out: Path, seed: int) -> None:
+    res = out / "eval" / f"seed{seed}" / "results.json"
+    if res.is_file():
+        return
+    d = seed_dir(out, seed)
+    models = {m: str(_export_final(out / "runs" / f"{m}-s{seed}", out / "models" / f"{m}-s{seed}")) for m in METHODS}
+    say(f"eval seed {seed}")
+    evaluate.evaluate(
+        models,
+        str(d / "sft"),
+        str(d / "world/data/eval.jsonl"),
+        str(res.parent),
+        sae_path=str(d / "sae"),
+        judge=toy.judge,
+        seed=seed,
+    )
+
+
+def run(out: Path, seeds: int, steps: int, nproc: int, sft_steps: int = 300, n_eval: int = 256) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    _check_layout(out, {"layout": 2, "steps": steps, "sft_steps": sft_steps, "n_eval": n_eval})
+    numerics = pin_numerics()
+    say(f"numerics: {numerics}")
+    t0, every = time.perf_counter(), range(1, seeds + 1)
+    _prepare(out, every, sft_steps, n_eval, nproc)
+    say(f"worlds, SFT references and SAEs for {seeds} seeds: {time.perf_counter() - t0:.0f} s")
+    stages = []
+    for s in every:
+        cache = {**method_overrides(out, "fpo", s, steps), "output.dir": out / "runs" / f"cache-s{s}"}
+        stages += [
+            _stage("build-cache", cache),
+            *(_stage("train", method_overrides(out, m, s, steps)) for m in METHODS),
+        ]
+    _launch(out, "methods", stages, nproc)
+    say(f"caches and {len(METHODS)} methods x {seeds} seeds trained: {time.perf_counter() - t0:.0f} s")
+    for s in every:
+        _evaluate(out, s)
+    path = report.write(out, METHODS, seeds, numerics)
+    say(f"done in {time.perf_counter() - t0:.0f} s")
     print(path.read_text())
     return path
 
@@ -167,11 +247,13 @@ def run(out: Path, seeds: int, steps: int, nproc: int) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fpo-ds demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=4, help="independent pipelines: world, SFT, SAE, data order")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per preference run")
+    p.add_argument("--sft-steps", type=int, default=300, help="optimizer steps of each seed's SFT run")
+    p.add_argument("--n-eval", type=int, default=256, help="held-out pairs (and prompts) per seed")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (CPU processes here)")
     args = p.parse_args(argv)
-    run(Path(args.out), args.seeds, args.steps, args.nproc)
+    run(Path(args.out), args.seeds, args.steps, args.nproc, args.sft_steps, args.n_eval)
 
 
 if __name__ == "__main__":
