@@ -44,6 +44,9 @@ def test_report_tables_come_from_results(tmp_path):
     assert f"| fpo | {mean:.3f} ± {sd:.3f} |" in text
     h2h = [evaluate.win_rate(r["fpo"]["scores"], r["dpo"]["scores"]) for r in results]
     assert f"| FPO win rate vs | {sum(h2h) / 2:.3f}" in text
+    diffs = [[a - b for a, b in zip(r["fpo"]["scores"], r["dpo"]["scores"])] for r in results]
+    mean, lo, hi = report.paired_bootstrap(diffs)
+    assert f"| FPO − DPO | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text  # only judge scores are per item here
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 

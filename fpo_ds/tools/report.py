@@ -105,7 +105,9 @@ def differences(results: list[dict], methods: tuple[str, ...]) -> list[dict]:
     rows = []
     for a, b in comparisons(methods):
         for key, name in PAIRED:
-            if key == "feature_mse_pairs" and (b == "reference" or key not in results[0][a]):
+            if any(key not in r[a] or key not in r[b] for r in results):
+                continue  # e.g. results written before per-item values were kept, or no SAE
+            if key == "feature_mse_pairs" and b == "reference":
                 continue  # drift from the reference is > 0 by construction: only FPO vs the baselines says something
             diffs = np.array([np.subtract(r[a][key], r[b][key]) for r in results])
             mean, lo, hi = paired_bootstrap(diffs)
@@ -163,7 +165,10 @@ def curves_figure(out: Path, methods: tuple[str, ...], seeds: int):
         ax.set_ylabel(ylabel)
         if ax.lines:
             ax.legend()
-    fig.suptitle(f"Training curves per method: each line is the mean over {seeds} seeds")
+    fig.suptitle(
+        f"Training curves per method: each line is the mean over {seeds} data-order seeds"
+        " (each seed also its own world, SFT reference and SAE)"
+    )
     fig.tight_layout()
     return fig
 
