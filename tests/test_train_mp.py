@@ -276,8 +276,8 @@ def test_auto_picks_plain_data_parallel_for_a_tiny_model_and_matches_zero3(runs,
     z3_tag = runs["tmp"] / "runs" / "gemma2-dpo" / "checkpoints" / "step_00000003"
     want = load_file(checkpoint.export(z3_tag, tmp_path / "hf-z3") / "model.safetensors")
     assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+    for name in want:  # 3 Adam steps at lr 1e-3: summation-order noise in tiny gradients moves a weight ~1e-5
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4)
 
 
 def test_tensorboard_and_offline_wandb_when_asked(runs):
