@@ -22,6 +22,8 @@ from helpers import subprocess_env
 
 pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.[dev]' brings the pinned trl")
 
+from fpo_ds.tools import trl_run  # noqa: E402
+
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
@@ -146,15 +148,7 @@ def test_same_token_ids_in_the_same_order(runs, method):
 # are not compared: TRL's CPOTrainer logs the per-token means it trains on, fpo-ds the sums (as DPO does in
 # both); the means enter the comparison through rewards/* (beta * mean log-prob in both).
 KEYS = {
-    "dpo": (
-        "loss",
-        "grad_norm",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-    ),
+    "dpo": trl_run.STEP_KEYS,  # loss, grad_norm, rewards/chosen|rejected|margins, logps/chosen|rejected
     "ipo": ("loss", "grad_norm", "logps/chosen", "logps/rejected"),
     "simpo": ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins"),
 }
