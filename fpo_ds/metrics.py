@@ -111,6 +111,23 @@ def step_metrics(
     return m
 
 
+def last_eval(metrics_path: Path, up_to: int | None = None) -> dict:
+    """The last metrics.jsonl record with held-out (`eval_*`) metrics, at or before step `up_to` (None: any).
+
+    Reduced to those metrics and its step; {} if none. A torn line (a crash mid-write) is skipped.
+    """
+    found: dict = {}
+    if Path(metrics_path).is_file():
+        for line in Path(metrics_path).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if any(k.startswith("eval_") for k in rec) and (up_to is None or rec.get("step", 0) <= up_to):
+                found = rec
+    return {k: v for k, v in found.items() if k.startswith("eval_") or k == "step"}
+
+
 def eval_line(step: int, m: dict[str, float]) -> str:
     """The progress line of a held-out pass."""
     shown = [("eval_loss", "loss", ".4f"), ("eval_rewards/accuracies", "reward acc", ".3f")]

@@ -13,22 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from fpo_ds import metrics
 from fpo_ds.config import DEFAULT_BETA
-
-
-def _latest_eval(metrics_path: Path, step: int) -> dict:
-    """The last record at or before `step` that holds held-out (`eval_*`) metrics; {} if none."""
-    if not metrics_path.is_file():
-        return {}
-    found = {}
-    for line in metrics_path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if rec.get("step", 0) <= step and any(k.startswith("eval_") for k in rec):
-            found = rec
-    return {k: v for k, v in found.items() if k.startswith("eval_") or k == "step"}
 
 
 def render(recipe: dict, step: int, run_info: dict, eval_metrics: dict, export_versions: dict) -> str:
@@ -78,5 +64,5 @@ def write(tag_dir: Path, out: Path, step: int, export_versions: dict) -> None:
     recipe = yaml.safe_load((tag_dir / "recipe.yaml").read_text()) if (tag_dir / "recipe.yaml").is_file() else {}
     info_path = run_dir / "run_info.json"
     run_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    card = render(recipe or {}, step, run_info, _latest_eval(run_dir / "metrics.jsonl", step), export_versions)
+    card = render(recipe or {}, step, run_info, metrics.last_eval(run_dir / "metrics.jsonl", step), export_versions)
     (out / "README.md").write_text(card)

@@ -71,10 +71,11 @@ def model_facts(model_cfg) -> ModelFacts:
     built on the meta device.
     """
     local = Path(model_cfg.name_or_path)
-    if (local / "config.json").is_file() and saved_params(local):
+    params = saved_params(local) if (local / "config.json").is_file() else 0
+    if params:
         cfg = json.loads((local / "config.json").read_text())
         cfg = cfg.get("text_config", cfg)
-        return ModelFacts(saved_params(local), cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
+        return ModelFacts(params, cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
     import torch
     from transformers import AutoModelForCausalLM
 

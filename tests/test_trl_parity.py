@@ -82,7 +82,6 @@ def _order(recipe_path: Path) -> list:
     from fpo_ds import config as C
     from fpo_ds import data
     from fpo_ds import model as M
-    from fpo_ds.tools import trl_run
 
     recipe = C.load(recipe_path)
     pairs, _ = data.load_pairs(recipe.data, M.load_tokenizer(recipe.model.name_or_path))
@@ -93,7 +92,6 @@ def _order(recipe_path: Path) -> list:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from fpo_ds import pipeline
-    from fpo_ds.tools import trl_run
 
     tmp = tmp_path_factory.mktemp("trl")
     world = _world(tmp)
@@ -138,7 +136,6 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("method", list(BETA))
 def test_same_token_ids_in_the_same_order(runs, method):
-    from fpo_ds.tools import trl_run
 
     assert runs[method]["tokens"] == [trl_run.token_ids(p) for p in runs[method]["order"]]
 

@@ -36,6 +36,8 @@ import re
 import sys
 from pathlib import Path
 
+from fpo_ds import metrics
+
 LABELS = {"sft": "SFT", "dpo": "DPO", "tdpo1": "TDPO-1", "tdpo2": "TDPO-2", "simpo": "SimPO", "fpo": "FPO"}
 JUDGED = ("alpaca_eval_lc", "alpaca_eval_wr", "arena_hard", "mt_bench")
 COLUMNS = {  # key -> (header, format)
@@ -54,23 +56,6 @@ DASH = "–"
 # ----------------------------------------------------------------------------- what the runs measured
 
 
-def last_eval(metrics_path: Path, step: int | None = None) -> dict:
-    """The last metrics.jsonl record holding held-out (`eval_*`) metrics (or the one at `step`), with its step.
-
-    {} if none.
-    """
-    found: dict = {}
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line (a crash mid-write)
-            if any(k.startswith("eval_") for k in rec) and step in (None, rec.get("step")):
-                found = rec
-    return {k: v for k, v in found.items() if k.startswith("eval_") or k == "step"}
-
-
 def starting_policy_eval(plan: dict) -> dict:
     """The SFT model's held-out metrics when no SFT run was made here; {} if none.
 
@@ -78,7 +63,7 @@ def starting_policy_eval(plan: dict) -> dict:
     """
     for row, info in plan["rows"].items():
         if row != "sft" and info["run_dir"]:
-            ev = last_eval(Path(info["run_dir"]) / "metrics.jsonl", step=0)
+            ev = metrics.last_eval(Path(info["run_dir"]) / "metrics.jsonl", up_to=0)
             if ev:
                 return ev
     return {}
@@ -201,7 +186,7 @@ def collect(root: Path) -> dict:
     rows, missing = {}, []
     for row, info in plan["rows"].items():
         run = Path(info["run_dir"]) if info["run_dir"] else None
-        ev = last_eval(run / "metrics.jsonl") if run else {}
+        ev = metrics.last_eval(run / "metrics.jsonl") if run else {}
         if row == "sft" and not run:
             ev = starting_policy_eval(plan)
         done = run is not None and (run / "DONE.json").is_file()
