@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 NPROC ?= 2
 # The demo pins its own floating-point settings (ATen AVX2 kernels, MKL's COMPATIBLE branch, one
-# thread per rank; NUMERICS in fpo_ds/tools/demo.py) so that its table is the README's on any x86
+# thread per rank; NUMERICS in fpo_ds/tools/demo/run.py) so that its table is the README's on any x86
 # CPU with AVX2; they are not exported here, so the tests run on the CPU's native kernels.
 demo: install
 	$(BIN)/fpo-ds demo --out runs/demo --nproc $(NPROC)

@@ -19,7 +19,9 @@ import torch
 from fpo_ds import config as C
 from fpo_ds import data
 from fpo_ds import model as M
-from fpo_ds.tools import bench, plan, shapes, toy
+from fpo_ds.tools.benchmarks import bench
+from fpo_ds.tools.demo import toy
+from fpo_ds.tools.planner import plan, shapes
 
 CONFIG_KEYS = ("hidden", "layers", "micro", "nproc", "steps", "d_sae")
 FIX = "pass the bench.json that `bash bench/gpu.sh` (or `fpo-ds bench --out DIR`) wrote, e.g. runs/bench-gpu/bench.json"

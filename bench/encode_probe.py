@@ -25,7 +25,7 @@ def one(variant: str, args) -> dict:
 
     from fpo_ds import losses
     from fpo_ds.sae import ShardedEncoder
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     torch.set_num_threads(1)
     sae = toy.random_sae(args.arch, args.d_in, args.d_sae, 0, seed=0, **({"k": 64} if args.arch == "topk" else {}))

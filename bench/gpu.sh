@@ -21,9 +21,9 @@ if [ "${MODE:-small}" = gemma-2-2b ]; then
   else
     shrink=(--nproc 1 --steps 12 --warmup 4 --micro 2 --d-sae 16384 --pairs 512)
   fi
-  python3 -m fpo_ds.tools.bench --out "$out" --shape google/gemma-2-2b --seq 1024 --checkpointing \
+  python3 -m fpo_ds.tools.benchmarks.bench --out "$out" --shape google/gemma-2-2b --seq 1024 --checkpointing \
     --methods sft,simpo,dpo_live,fpo --repeats 1 --peak-tflops "${PEAK_TFLOPS:-989}" "${shrink[@]}" "$@"
 else
-  python3 -m fpo_ds.tools.bench --out "$out" --nproc 1 --hidden 1024 --layers 16 --d-sae 16384 --micro 128 \
+  python3 -m fpo_ds.tools.benchmarks.bench --out "$out" --nproc 1 --hidden 1024 --layers 16 --d-sae 16384 --micro 128 \
     --steps 15 --warmup 5 --repeats 1 --peak-tflops "${PEAK_TFLOPS:-989}" "$@"
 fi

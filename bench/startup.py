@@ -34,7 +34,7 @@ def _text(rng: random.Random, median_tokens: float, sigma: float) -> str:
 
 def write_set(out: Path, n: int, seed: int = 0) -> Path:
     """UltraFeedback-like lengths: prompt median ~90 words, responses ~180 with a long tail."""
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     rng = random.Random(seed)
     rows = [

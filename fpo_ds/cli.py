@@ -27,7 +27,7 @@ def _validate(args) -> int:
 
 
 def _toy(args) -> int:
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     out = toy.write_world(args.out, args.arch, args.n_train, args.n_eval, args.seed)
     print(f"wrote tiny {args.arch} world to {out}")
@@ -43,7 +43,7 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
-    from fpo_ds.tools import evaluate, toy
+    from fpo_ds.tools.demo import evaluate, toy
 
     models = dict(m.split("=", 1) for m in args.model)
     judge = toy.judge if args.judge == "toy" else None
@@ -67,11 +67,11 @@ def _eval(args) -> int:
 DELEGATED = {
     "train": "fpo_ds.train",
     "build-cache": "fpo_ds.cache_build",
-    "demo": "fpo_ds.tools.demo",
-    "bench": "fpo_ds.tools.bench",
-    "plan": "fpo_ds.tools.plan",
+    "demo": "fpo_ds.tools.demo.run",
+    "bench": "fpo_ds.tools.benchmarks.bench",
+    "plan": "fpo_ds.tools.planner.plan",
     "generate": "fpo_ds.generate",
-    "compare-report": "fpo_ds.tools.compare",
+    "compare-report": "fpo_ds.tools.comparison.report",
 }
 
 

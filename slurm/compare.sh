@@ -31,7 +31,7 @@ shift
 # Resolve every stage's recipe (and fail on a mistake) before anything is queued: the planner writes
 # ROOT/compare.json and prints bash assignments (ROOT, METHODS, ARGS_<stage>, RUN_<stage>, CACHE_<stage>,
 # HAS_SFT, HAS_CACHE, SFT_MODEL, EXPORT_DTYPE, GEN_<row>).
-plan=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fpo_ds.tools.compare_plan "$size" "$@")
+plan=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fpo_ds.tools.comparison.jobs "$size" "$@")
 eval "$plan"
 cd "$repo"  # the jobs' working directory (SLURM_SUBMIT_DIR): recipes and scripts resolve from here
 : > "$ROOT/jobs.tsv"

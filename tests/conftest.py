@@ -20,7 +20,7 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     texts = [p[k] for p in toy.toy_pairs(200, 0) for k in ("prompt", "chosen", "rejected")] + ["user", "model"]
     return toy.build_tokenizer(texts)
@@ -29,6 +29,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A tiny gemma2 world on disk (model dir + jsonl data)."""
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     return toy.write_world(tmp_path_factory.mktemp("world"), "gemma2", n_train=64, n_eval=16)

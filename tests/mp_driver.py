@@ -143,7 +143,7 @@ def sae_check(groups: list) -> dict:
     """Sharded encode vs sae-lens's own encode on the full SAE, forward and gradients, per shard group."""
     from fpo_ds import losses
     from fpo_ds.sae import ShardedEncoder
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     res = {}
     rank, world = dist.rank(), dist.world_size()

@@ -21,7 +21,7 @@ from fpo_ds import ds_config
 from fpo_ds import model as M
 from fpo_ds.losses import IGNORE_INDEX
 from fpo_ds.sae import check_against_model, load_sae
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 import pytest
 
 from fpo_ds import data
-from fpo_ds.tools import bench
+from fpo_ds.tools.benchmarks import bench
 
 
 def test_long_rows_fill_the_sequence_after_truncation(tokenizer):
@@ -34,7 +34,7 @@ def test_compare_table_reports_ratios_and_loss_gap():
 
 
 def test_against_trl_options_and_table():
-    from fpo_ds.tools import bench_trl
+    from fpo_ds.tools.benchmarks import bench_trl
 
     args = bench_trl.parse(["--against", "trl", "--repeats", "2", "--models", "tiny", "--with-auto"])
     assert args.repeats == 2 and args.models == ["tiny"] and args.nprocs == [1, 2]

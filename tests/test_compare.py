@@ -17,7 +17,9 @@ from helpers import need_infra, subprocess_env
 
 from fpo_ds import cli
 from fpo_ds import config as C
-from fpo_ds.tools import compare, compare_plan, toy
+from fpo_ds.tools.comparison import jobs as compare_plan
+from fpo_ds.tools.comparison import report as compare
+from fpo_ds.tools.demo import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fpo_ds.tools import demo as D
-from fpo_ds.tools import report
+from fpo_ds.tools.demo import report
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

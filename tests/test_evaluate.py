@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fpo_ds import model as M
-from fpo_ds.tools import evaluate, report, toy
+from fpo_ds.tools.demo import evaluate, report, toy
 
 
 def test_win_rate_counts_ties_half():

@@ -84,7 +84,7 @@ def test_progress_shows_the_metrics_of_the_method(tmp_path, capsys):
 
 
 def test_eval_shows_progress_per_model(world, tmp_path, capsys):
-    from fpo_ds.tools import evaluate
+    from fpo_ds.tools.demo import evaluate
 
     model = str(world / "model")
     data = str(world / "data" / "eval.jsonl")
@@ -201,7 +201,7 @@ def test_slurm_logs_go_to_a_directory_that_exists_and_is_ignored():
 
 
 def test_curves_have_labelled_axes_and_say_they_are_means_over_seeds(tmp_path):
-    from fpo_ds.tools import report
+    from fpo_ds.tools.demo import report
 
     for seed in (1, 2):
         run = tmp_path / "runs" / f"dpo-s{seed}"

@@ -20,7 +20,7 @@ import pytest
 from helpers import need_infra, subprocess_env
 
 from fpo_ds import pipeline
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from fpo_ds import losses as L
 from fpo_ds import model as M
 from fpo_ds import objective as O
 from fpo_ds.config import LossConfig
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
 METHODS = ["sft", "dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo"]
 VARIANTS = {  # name -> (arch, final_logit_softcapping override or "keep")

@@ -18,7 +18,7 @@ from test_logps import oracle_outputs
 from fpo_ds import objective as O
 from fpo_ds import pipeline
 from fpo_ds.config import LossConfig
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent

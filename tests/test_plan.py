@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fpo_ds import config as C
-from fpo_ds.tools import comms, plan, shapes
+from fpo_ds.tools.planner import comms, plan, shapes
 
 NUMS = {"params": 2_600_000_000, "largest_layer": 590_000_000, "hidden": 2304, "layers": 26, "vocab": 256_000}
 
@@ -72,7 +72,7 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A local model directory (config.json only) of the toy world's 4-layer Gemma-2: 166,656 parameters."""
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     path = tmp_path_factory.mktemp("tiny-model")
     toy.tiny_config("gemma2", 283).save_pretrained(path)

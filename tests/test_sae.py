@@ -5,7 +5,7 @@ import torch
 
 from fpo_ds import dist, losses
 from fpo_ds.sae import ShardedEncoder, comm_bytes_per_call, pack_bits, unpack_bits
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
 VARIANTS = {
     "standard": ("standard", {}),

@@ -19,7 +19,7 @@ import yaml
 from helpers import need_infra, subprocess_env
 
 from fpo_ds import data, pipeline
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def _n_max_per_step(recipe, group: int) -> list[list[int]]:
 def test_planner_bytes_match_the_measured_ones(run):
     """fpo-ds plan's byte model vs this run: ZeRO-3 (comms logger, steady state) and the SAE group (wire)."""
     from fpo_ds import config as C
-    from fpo_ds.tools import comms, shapes
+    from fpo_ds.tools.planner import comms, shapes
 
     recipe = C.load(run["tmp"] / "fpo-node.yaml")
     shape = shapes.model_shape(recipe.model.name_or_path)

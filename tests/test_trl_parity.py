@@ -22,7 +22,7 @@ from helpers import subprocess_env
 
 pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.[dev]' brings the pinned trl")
 
-from fpo_ds.tools import trl_run  # noqa: E402
+from fpo_ds.tools.benchmarks import trl_run  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ EOS_TEMPLATE = (
 def _world(tmp: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from fpo_ds.tools import toy
+    from fpo_ds.tools.demo import toy
 
     world = toy.write_world(tmp / "world", "gemma2", n_train=32, n_eval=4)
     tok = AutoTokenizer.from_pretrained(world / "model")

@@ -8,7 +8,7 @@ process and no accumulation, on toy Llama models written locally. Each fpo-ds va
 `deepspeed.config` value (default: zero3_fp32 and zero2_fp32; `--with-auto` adds `auto`). Both
 libraries run under torchrun (TRL's Trainer runs DDP with gloo on CPU under it), fed the same rows in
 the order fpo-ds consumes them (TRL's sampler is sequential; the settings are
-fpo_ds/tools/trl_run.py's, which tests/test_trl_parity.py checks step by step). Within each repeat
+fpo_ds/tools/benchmarks/trl_run.py's, which tests/test_trl_parity.py checks step by step). Within each repeat
 the runs alternate (every variant, then TRL), so machine noise hits all of them alike.
 
 Measured for every launch, the same way for both libraries:
@@ -38,11 +38,12 @@ import time
 from pathlib import Path
 
 from fpo_ds import pipeline, zero_auto
-from fpo_ds.tools import toy, trl_run
+from fpo_ds.tools.benchmarks import trl_run
+from fpo_ds.tools.demo import toy
 
 MODELS = {"tiny": (64, 4), "h256x8": (256, 8)}  # toy Llama: hidden size, layers
 VARIANTS = ["ds_configs/zero3_fp32.json", "ds_configs/zero2_fp32.json"]
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 POLL_S = 0.02
 MAX_LENGTH, MAX_PROMPT = 64, 32
@@ -193,7 +194,7 @@ def run_trl(world: Path, work: Path, args, nproc: int, tag: str, rows: list[dict
     spec = {"model": str(world / "model"), "out": str(out), "max_length": MAX_LENGTH, "rows": rows, "runs": [run]}
     path = work / f"spec-{tag}.json"
     path.write_text(json.dumps(spec))
-    cmd = pipeline.torchrun_cmd(nproc, _port()) + ["-m", "fpo_ds.tools.trl_run", str(path)]
+    cmd = pipeline.torchrun_cmd(nproc, _port()) + ["-m", "fpo_ds.tools.benchmarks.trl_run", str(path)]
     res = measure(cmd, _env(), out / "dpo" / "metrics.jsonl", args.steps, work / f"log-{tag}.txt")
     return res | _steady(out / "dpo" / "metrics.jsonl", args.warmup)
 
@@ -310,7 +311,7 @@ def markdown(result: dict) -> str:
         f"{cfg['steps']} steps of micro-batch {cfg['micro']} per process (no accumulation), toy Llama models, same "
         f"rows in the same order for both; step time = median after the first {cfg['warmup']} steps; "
         f"{cfg['repeats']} repeats, runs interleaved; ratios fpo-ds / TRL, median [min, max] over repeats "
-        "(definitions: fpo_ds/tools/bench_trl.py).",
+        "(definitions: fpo_ds/tools/benchmarks/bench_trl.py).",
         "",
         "| model | procs | " + " | ".join(head) + " |",
         "|---|---|" + "---|" * len(head),

@@ -1,6 +1,6 @@
 """The stages behind slurm/compare.sh, resolved and checked before any job is queued.
 
-    eval "$(python -m fpo_ds.tools.compare_plan SIZE [--root DIR] [--sft | --sft-model DIR] [--methods LIST]
+    eval "$(python -m fpo_ds.tools.comparison.jobs SIZE [--root DIR] [--sft | --sft-model DIR] [--methods LIST]
             [--alpaca-eval FILE] [--arena-hard FILE] [--mt-bench FILE] [--world DIR] [key=value ...])"
 
 Reads recipes/compare/paper.yaml (per-size and per-method settings), builds each stage's recipe
@@ -12,7 +12,7 @@ slurm/compare.sh, which submits the jobs. The layout under ROOT:
     cache/             the offline reference cache (FPO)
     models/<row>/      exported Hugging Face models (SFT and each method)
     answers/           benchmark answer files, in each benchmark's own layout (fpo-ds generate)
-    judge/             judge results the user drops in (see fpo_ds/tools/compare.py)
+    judge/             judge results the user drops in (see fpo_ds/tools/comparison/report.py)
     logs/              Slurm logs; report.md, report.json: the table
 """
 
@@ -29,7 +29,7 @@ import yaml
 from fpo_ds import answer_formats as F
 from fpo_ds import config as C
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SETTINGS = REPO / "recipes" / "compare" / "paper.yaml"
 METHODS = ("dpo", "tdpo1", "tdpo2", "simpo", "fpo")
 QUESTION_FLAGS = {"alpaca_eval": "--alpaca-eval", "arena_hard": "--arena-hard", "mt_bench": "--mt-bench"}
@@ -66,7 +66,7 @@ def _world(size: dict, root: Path, world: str | None) -> Path | None:
         return None
     path = Path(world).resolve() if world else root / "world"
     if not (path / "model" / "config.json").is_file() or not (path / "sae" / "cfg.json").is_file():
-        from fpo_ds.tools import toy
+        from fpo_ds.tools.demo import toy
 
         if not (path / "model" / "config.json").is_file():
             toy.write_world(path, "gemma2", n_train=64, n_eval=8)
@@ -182,7 +182,7 @@ def shell(plan: dict) -> str:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fpo_ds.tools.compare_plan", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fpo_ds.tools.comparison.jobs", description=__doc__.split("\n\n")[0])
     p.add_argument("size", help="a size of recipes/compare/paper.yaml: 2b, 9b or tiny")
     p.add_argument("--root", help="runs, cache, models, answers, report (default runs/compare-SIZE)")
     sft = p.add_mutually_exclusive_group()

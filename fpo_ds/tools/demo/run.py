@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from fpo_ds import checkpoint
-from fpo_ds.tools import evaluate, report, toy
+from fpo_ds.tools.demo import evaluate, report, toy
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 METHODS = ("dpo", "simpo", "tdpo2", "fpo")
 SAE_LAYER = 3  # the last of the tiny model's 4 blocks: the paper finds layers near the output best
 PREF_PAIRS = 1024  # of the world's 4096: a run sees 60 steps x 8 = 480 pairs, and the cache covers only these

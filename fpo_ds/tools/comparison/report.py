@@ -250,7 +250,7 @@ def render(report: dict) -> str:
         "Held-out acc.: share of held-out pairs whose chosen response has the higher mean token log-prob "
         "(eval_accuracy/length_normalised); DPO-reward acc.: higher log pi/pi_ref (methods with a reference); "
         "feature MSE: FPO's SAE-feature distance to the reference on the held-out pairs. Judge scores: "
-        f"files in `{plan['root']}/judge/` (see `fpo_ds/tools/compare.py`), matched by model id.",
+        f"files in `{plan['root']}/judge/` (see `fpo_ds/tools/comparison/report.py`), matched by model id.",
         "",
         "## Details",
         "",

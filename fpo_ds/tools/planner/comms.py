@@ -11,7 +11,7 @@ partitioned_param_coordinator}.py and runtime/comm/coalesced_collectives.py):
       activation-checkpointing recompute (a forward run inside backward: it fetches again) and its
       backward. A parameter stays gathered while it is reused within stage3_max_reuse_distance
       elements of the module trace or was marked by the prefetcher, so which fetches move bytes is
-      simulated on the model's real call tree (fpo_ds/tools/zero3_trace.py). Parameters of at most
+      simulated on the model's real call tree (fpo_ds/tools/planner/zero3_trace.py). Parameters of at most
       stage3_param_persistence_threshold elements are never partitioned away and never fetched;
       they are all-gathered once per step, after the optimizer step (zero_allgather_persistent).
       Each rank holds ceil(numel / W) elements of every parameter (DeepSpeed pads to a multiple
@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fpo_ds.ds_config import path as ds_path
-from fpo_ds.tools import zero3_trace
+from fpo_ds.tools.planner import zero3_trace
 
 GB = 1e9
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 (no sparsity), the bench's --peak-tflops
@@ -73,7 +73,7 @@ ADAM_BYTES = 30  # per partitioned parameter: read fp32 master, m, v, grad (16) 
 ASSUMED_MFU = 0.35  # compute-only MFU for 2B-9B models at ~1k-token sequences, activation checkpointing
 RESPONSE_TOKENS = 400  # per sequence, UltraFeedback-like (the worked example)
 PROMPT_TOKENS = 200  # per sequence, UltraFeedback-like; capped by data.max_prompt_length
-BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+BENCH_RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results"
 
 
 class Topology(NamedTuple):

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 from fpo_ds import pipeline, zero_auto
-from fpo_ds.tools import toy
+from fpo_ds.tools.demo import toy
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 METHODS = {  # name -> overrides
     "sft": {"loss.method": "sft"},
     "simpo": {"loss.method": "simpo"},
@@ -98,7 +98,7 @@ def shape_config(hub_id: str, tok, hidden: int | None = None, layers: int | None
     `hidden` narrows the model keeping its head count (head_dim = hidden / heads, MLP 4x); `layers`
     cuts its depth. The vocabulary stays the model's own; the toy tokenizer's ids are a subset.
     """
-    from fpo_ds.tools import shapes
+    from fpo_ds.tools.planner import shapes
 
     cfg = shapes.model_config(hub_id)
     if hidden:
@@ -390,7 +390,7 @@ def _compare_table(compare: dict, other: str | None) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--against" or a.startswith("--against=") for a in argv):  # its own options: see bench_trl
-        from fpo_ds.tools import bench_trl
+        from fpo_ds.tools.benchmarks import bench_trl
 
         bench_trl.main(argv)
         return
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (gradient_checkpointing)")
     args = p.parse_args(argv)
     if args.shape:  # the SAE reads the last block of the model actually built
-        from fpo_ds.tools import shapes
+        from fpo_ds.tools.planner import shapes
 
         cfg = shapes.model_config(args.shape)
         args.arch = cfg.model_type if cfg.model_type in ("llama", "gemma2") else args.arch

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fpo_ds.tools.evaluate import win_rate
+from fpo_ds.tools.demo.evaluate import win_rate
 
 COLUMNS = [
     ("judge_accuracy", "judge acc"),

@@ -1,7 +1,7 @@
 """TRL as a second implementation: the same run as an fpo-ds recipe, trained by TRL's own trainers.
 
-    python -m fpo_ds.tools.trl_run SPEC.json                          # one process
-    torchrun --nproc_per_node 2 -m fpo_ds.tools.trl_run SPEC.json     # DDP (gloo on CPU)
+    python -m fpo_ds.tools.benchmarks.trl_run SPEC.json                          # one process
+    torchrun --nproc_per_node 2 -m fpo_ds.tools.benchmarks.trl_run SPEC.json     # DDP (gloo on CPU)
 
 SPEC.json: {"model": DIR, "rows": [...], "out": DIR, "runs": [{"name", "method", "beta", ...}]}.
 `rows` are preference rows (prompt, chosen, rejected strings) in the order they are consumed:

@@ -1,7 +1,7 @@
 """`fpo-ds plan RECIPE --nodes N --gpus-per-node G`: will this recipe fit, and how fast will it run?
 
 Works offline: the model is built on the meta device from its config (a local directory's
-config.json, or the shapes shipped in fpo_ds/tools/shapes.py for the recipes' hub models), the SAE
+config.json, or the shapes shipped in fpo_ds/tools/planner/shapes.py for the recipes' hub models), the SAE
 width comes from sae-lens's registry (or `sae.path`/cfg.json, or --d-sae).
 
 Per-GPU memory, itemised:
@@ -24,7 +24,7 @@ offload_optimizer / offload_param in the recipe's DeepSpeed JSON move there. ben
 compares the estimate with the CUDA peaks a bench/gpu.sh run measured.
 
 Then the bytes of every collective per step and rank, the step time they and the compute give,
-and a weak-scaling table over 1-64 nodes (fpo_ds/tools/comms.py holds the model and its sources).
+and a weak-scaling table over 1-64 nodes (fpo_ds/tools/planner/comms.py holds the model and its sources).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import argparse
 import math
 
 from fpo_ds import config as C
-from fpo_ds.tools import comms
+from fpo_ds.tools.planner import comms
 from fpo_ds.zero_auto import ACT_BYTES_PER_H
 
 # Per logit of one LM-head chunk at backward's peak: the 16-bit matmul output (tanh'd in place under
@@ -245,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)  # key=value overrides may follow the flags
-    from fpo_ds.tools import shapes
+    from fpo_ds.tools.planner import shapes
 
     recipe = C.load(args.recipe, args.overrides)
     shape = shapes.model_shape(recipe.model.name_or_path)

@@ -1,0 +1,1 @@
+"""The paper's comparison: the job graph behind slurm/compare.sh and the table `fpo-ds compare-report` fills."""
