@@ -31,6 +31,7 @@ shift
 # Resolve every stage's recipe (and fail on a mistake) before anything is queued: the planner writes
 # ROOT/compare.json and prints bash assignments (ROOT, METHODS, ARGS_<stage>, RUN_<stage>, CACHE_<stage>,
 # HAS_SFT, HAS_CACHE, SFT_MODEL, EXPORT_DTYPE, GEN_<row>).
+# Only the plan reaches stdout (the planner sends every log line, DeepSpeed's included, to stderr).
 plan=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fpo_ds.tools.comparison.jobs "$size" "$@")
 eval "$plan"
 cd "$repo"  # the jobs' working directory (SLURM_SUBMIT_DIR): recipes and scripts resolve from here
@@ -42,11 +43,19 @@ submit() {
   shift 2
   while [ $# -gt 0 ] && [ "$1" != -- ]; do flags+=("$1"); shift; done
   shift
-  local id
+  local id rc=0
   # shellcheck disable=SC2086  # SBATCH_EXTRA / SBATCH_GENERATE are flag lists, split on purpose
   id=$(sbatch --parsable --kill-on-invalid-dep=yes --job-name="cmp-$name" --output="$ROOT/logs/%x-%j.out" \
-    ${SBATCH_EXTRA:-} "${flags[@]}" "$script" "$@")
+    ${SBATCH_EXTRA:-} "${flags[@]}" "$script" "$@") || rc=$?
   id=${id%%;*}  # --parsable prints "id" or "id;cluster"
+  if [ "$rc" -ne 0 ] || ! [[ $id =~ ^[0-9]+$ ]]; then  # stop at the first failure: no job waits on an empty id
+    local queued
+    queued=$(cut -f2 "$ROOT/jobs.tsv" | paste -sd' ')
+    echo "slurm/compare.sh: sbatch of job '$name' failed (exit $rc${id:+, answered '$id'}); nothing more is" \
+      "submitted. sbatch says why above; check that Slurm is reachable from here (\`sinfo\`) and SBATCH_EXTRA." \
+      "${queued:+Already queued: $queued (\`scancel $queued\` to drop them).}" >&2
+    exit 1
+  fi
   printf '%s\t%s\t%s\n' "$name" "$id" "${flags[*]}" >> "$ROOT/jobs.tsv"
   echo "$id"
 }

@@ -111,15 +111,20 @@ def test_planner_refuses_a_mistake_before_queueing(tmp_path):
 
 
 FAKE_SBATCH = """#!/bin/bash
-# Records its arguments (one line per call) and answers like `sbatch --parsable`.
+# Records its arguments (one line per call) and answers like `sbatch --parsable`; from call number
+# SBATCH_FAIL_AT on, answers like an sbatch with no Slurm to reach.
 n=$(( $(wc -l < "$SBATCH_LOG") + 101 ))
+if [ $(( n - 100 )) -ge "${SBATCH_FAIL_AT:-1000}" ]; then
+  echo "sbatch: error: Could not establish a configuration source" >&2
+  exit 1
+fi
 printf '%s\\n' "$n $*" >> "$SBATCH_LOG"
 echo "$n"
 """
 
 
-def _submit_with_fake_sbatch(tmp_path: Path, *argv: str, extra_env: dict | None = None) -> list[tuple[str, str]]:
-    """Run slurm/compare.sh against a stand-in sbatch; returns (job id, arguments) per submission."""
+def _compare_sh(tmp_path: Path, *argv: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run slurm/compare.sh against a stand-in sbatch (its calls logged in tmp_path/sbatch.log)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.log"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH)
@@ -127,7 +132,8 @@ def _submit_with_fake_sbatch(tmp_path: Path, *argv: str, extra_env: dict | None 
     log.write_text("")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SBATCH_LOG=str(log), PYTHON=sys.executable)
     env.update(extra_env or {})
-    proc = subprocess.run(
+    env = {k: v for k, v in env.items() if v is not None}
+    return subprocess.run(
         ["bash", str(ROOT / "slurm" / "compare.sh"), *argv],
         env=env,
         cwd=tmp_path,
@@ -135,8 +141,13 @@ def _submit_with_fake_sbatch(tmp_path: Path, *argv: str, extra_env: dict | None 
         capture_output=True,
         timeout=120,
     )
+
+
+def _submit_with_fake_sbatch(tmp_path: Path, *argv: str, extra_env: dict | None = None) -> list[tuple[str, str]]:
+    """Run slurm/compare.sh against a stand-in sbatch; returns (job id, arguments) per submission."""
+    proc = _compare_sh(tmp_path, *argv, extra_env=extra_env)
     assert proc.returncode == 0, proc.stderr
-    return [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]
+    return [tuple(line.split(" ", 1)) for line in (tmp_path / "sbatch.log").read_text().splitlines()]
 
 
 def _jobs(calls: list[tuple[str, str]]) -> dict[str, dict]:
@@ -188,6 +199,25 @@ def test_job_graph_without_sft_or_questions(tmp_path):
     jobs = _jobs(_submit_with_fake_sbatch(tmp_path, "9b", "--root", str(tmp_path / "r"), "--methods", "simpo,fpo"))
     assert list(jobs) == ["cache", "simpo", "fpo", "report"]
     assert jobs["cache"]["dep"] == jobs["simpo"]["dep"] == "" and jobs["fpo"]["dep"] == f"afterok:{jobs['cache']['id']}"
+
+
+def test_compare_sh_tiny_plans_with_deepspeed_logging_and_stops_at_the_first_failed_sbatch(tmp_path):
+    # As a user with the venv active runs it: no DS_ACCELERATOR, so DeepSpeed logs its accelerator
+    # choice while the tiny world is written; that line must not reach the plan slurm/compare.sh evaluates.
+    # The third sbatch fails like an sbatch with no Slurm to reach.
+    root = tmp_path / "r"
+    proc = _compare_sh(tmp_path, "tiny", "--root", str(root), extra_env={"DS_ACCELERATOR": None, "SBATCH_FAIL_AT": "3"})
+    assert proc.returncode == 1, proc.stderr
+    assert "command not found" not in proc.stderr and (root / "compare.json").is_file()  # past planning
+    assert "Setting accelerator to CPU" in proc.stderr  # DeepSpeed did log, on stderr
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    ids = [line.split()[0] for line in calls]
+    assert len(calls) == 2 and "Could not establish a configuration source" in proc.stderr
+    assert "slurm/compare.sh: sbatch of job 'tdpo1' failed (exit 1); nothing more is submitted." in proc.stderr
+    assert f"Already queued: {ids[0]} {ids[1]} (`scancel {ids[0]} {ids[1]}` to drop them)" in proc.stderr
+    assert "report job" not in proc.stderr + proc.stdout
+    rows = [line.split("\t") for line in (root / "jobs.tsv").read_text().splitlines()]
+    assert [r[:2] for r in rows] == [["cache", ids[0]], ["dpo", ids[1]]]  # no empty job id
 
 
 # ----------------------------------------------------------------------------- the report

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
@@ -203,8 +205,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _stdout_for_the_plan() -> TextIO:
+    """The real stdout, kept for the plan alone.
+
+    Anything else written to stdout from here on (DeepSpeed's logger, a library's print, even from C)
+    goes to stderr, so slurm/compare.sh evaluates nothing but the plan.
+    """
+    sys.stdout.flush()
+    plan_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return plan_out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
+    plan_out = _stdout_for_the_plan() if argv is None else sys.stdout
     settings = yaml.safe_load(SETTINGS.read_text())
     try:
         plan = add_answers(build(args, settings), _questions(args))
@@ -214,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "judge").mkdir(exist_ok=True)
     (root / "compare.json").write_text(json.dumps(plan, indent=1) + "\n")
-    sys.stdout.write(shell(plan))
+    plan_out.write(shell(plan))
+    plan_out.flush()
 
 
 if __name__ == "__main__":
