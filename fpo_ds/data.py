@@ -85,7 +85,10 @@ def load_rows(path: str, split: str):
             f"data.path: {path!r} is neither a local .jsonl/.json/.parquet/.arrow file, a saved dataset "
             "directory, nor a hub dataset name like HuggingFaceH4/ultrafeedback_binarized"
         )
-    return datasets.load_dataset(path, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized, train_prefs
+    from fpo_ds import hub
+
+    with hub.named("data.path", path, "data.path=<jsonl/json/parquet/arrow file or save_to_disk directory>"):
+        return datasets.load_dataset(path, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized, train_prefs
 
 
 def check_jsonl(path: Path) -> None:

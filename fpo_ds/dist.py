@@ -180,12 +180,22 @@ def block_groups(spec: str | int) -> Group:
 def log(*msg: object) -> None:
     """Print on rank 0 only (the one place the package prints)."""
     if rank() == 0:
-        print(*msg, flush=True)
+        write_line(sys.stdout, " ".join(map(str, msg)))
 
 
 def log_all(*msg: object) -> None:
     """Print on every rank, prefixed with host and rank (for errors that concern one rank)."""
-    print(f"[{socket.gethostname()} rank {rank()}]", *msg, file=sys.stderr, flush=True)
+    write_line(sys.stderr, " ".join([f"[{socket.gethostname()} rank {rank()}]", *map(str, msg)]))
+
+
+def write_line(stream, text: str) -> None:
+    """One write per line, newline included.
+
+    `print` writes the text and the newline apart; with unbuffered output (PYTHONUNBUFFERED, as under
+    Slurm) another rank's line could land between the two, joining two ranks' lines.
+    """
+    stream.write(text + "\n")
+    stream.flush()
 
 
 # Raised by fpo-ds for bad input (recipe, data, cache, checkpoint): their message is the whole
@@ -342,6 +352,11 @@ def init(timeout_minutes: int) -> Topology:
         f"topology ({topo.source}): world {topo.world_size}, {nodes} node(s) x {topo.local_world_size} rank(s), "
         f"master {topo.master_addr}:{topo.master_port}, backend {tdist.get_backend()}"
     )
+    from deepspeed.accelerator import get_accelerator
+
+    from fpo_ds import threads
+
+    log(threads.apply(topo.local_world_size, on_cpu=get_accelerator().device_name() == "cpu"))
     return topo
 
 

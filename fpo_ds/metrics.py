@@ -209,7 +209,7 @@ class Progress:
             return
         self.last = now
         if dist.rank() == 0:
-            print(self.line(done, now, note), file=sys.stderr, flush=True)
+            dist.write_line(sys.stderr, self.line(done, now, note))
 
 
 class Writer:
@@ -259,7 +259,7 @@ class Writer:
             width = 20
             filled = int(width * step / max(self.total, 1))
             line = f"[{'#' * filled}{'.' * (width - filled)}] " + line
-        print(line, file=sys.stderr, flush=True)
+        dist.write_line(sys.stderr, line)
 
     def close(self) -> None:
         if not self.enabled:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from fpo_ds import hub
 from fpo_ds import losses as L
 from fpo_ds.config import WORLD_HINT
 from fpo_ds.data import Batch
@@ -184,12 +185,13 @@ def load_model(model_cfg, ds_cfg: dict):
     _preload_model_code()
     check_model_path(model_cfg.name_or_path)
     keepalive = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 and model_cfg.zero_init else None
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.name_or_path,
-        revision=model_cfg.revision,
-        dtype=torch_dtype(ds_cfg),
-        attn_implementation=model_cfg.attn_implementation,
-    )
+    with from_hub(model_cfg.name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path,
+            revision=model_cfg.revision,
+            dtype=torch_dtype(ds_cfg),
+            attn_implementation=model_cfg.attn_implementation,
+        )
     model.config.use_cache = False
     return model, keepalive
 
@@ -226,18 +228,27 @@ def check_model_path(name_or_path: str) -> None:
         raise FileNotFoundError(f"model.name_or_path: {name_or_path} has no config.json (not a save_pretrained dir)")
 
 
+def from_hub(name_or_path: str):
+    """Around a from_pretrained: a hub id that fails to load names model.name_or_path and the fixes."""
+    if Path(name_or_path).exists():
+        return contextlib.nullcontext()  # a local directory: its own errors say what is wrong with it
+    return hub.named("model.name_or_path", name_or_path, "model.name_or_path=<save_pretrained directory>")
+
+
 def load_config(model_cfg):
     check_model_path(model_cfg.name_or_path)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+    with from_hub(model_cfg.name_or_path):
+        return AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     check_model_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    with from_hub(name_or_path):
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     if tok.chat_template is None:
         raise ValueError(
             f"model.name_or_path: the tokenizer of {name_or_path} has no chat template; "

@@ -63,7 +63,10 @@ def load_sae(path: str | None = None, release: str | None = None, sae_id: str | 
             )
         sae = SAE.load_from_disk(path, device="cpu", dtype=dtype)
     else:
-        sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype=dtype)
+        from fpo_ds import hub
+
+        with hub.named("sae.release/sae.sae_id", f"{release} {sae_id}", "sae.path=<sae-lens save_model directory>"):
+            sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype=dtype)
     sae.requires_grad_(False)
     sae.eval()
     return sae
