@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fpo_ds.tools import demo as D
 from fpo_ds.tools.demo import report
+from fpo_ds.tools.demo import run as D
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
