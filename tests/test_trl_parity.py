@@ -107,7 +107,7 @@ def runs(tmp_path_factory):
     for r in trl_runs:
         one = {**spec, "runs": [r], "rows": [rows[p.example_id] for p in order[r["name"]]]}
         (tmp / f"trl-{r['name']}.json").write_text(json.dumps(one))
-    script = "import sys; from fpo_ds.tools import trl_run; [trl_run.main([a]) for a in sys.argv[1:]]"
+    script = "import sys; from fpo_ds.tools.benchmarks import trl_run; [trl_run.main([a]) for a in sys.argv[1:]]"
     cmd = [sys.executable, "-c", script] + [str(tmp / f"trl-{m}.json") for m in BETA]
     log = open(tmp / "trl.log", "w")
     trl = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
