@@ -16,7 +16,10 @@ def _validate(args) -> int:
     except C.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    from fpo_ds.data_sources import split_problems
+
     problems = registry_problems(recipe.sae.release, recipe.sae.sae_id) if recipe.sae.release else []
+    problems += split_problems(recipe.data)
     if problems:
         print(C.ConfigError(problems, args.recipe), file=sys.stderr)
         return 1

@@ -126,34 +126,47 @@ def load_data(recipe: C.Recipe, part: data.Part = "train") -> tuple[object, list
     Tokenised once per run (and reused by later runs on the same rows, tokenizer and lengths):
     rank 0 tokenises with one worker per core into the datasets cache while the others wait,
     then every rank loads the result. A node that does not share that directory tokenises on
-    its local rank 0. Collective when torch.distributed is up; plain otherwise.
+    its local rank 0. Collective when torch.distributed is up; plain otherwise. Rows per source
+    are logged, and kept in data.LAST_SOURCES for the run's run_info.json.
     """
     tok = M.load_tokenizer(recipe.model.name_or_path, recipe.model.revision)
-    rows = data.select_rows(recipe.data, part)
-    path = data.tokenized_path(recipe.data, tok, rows)
-    source = data.rows_source(recipe.data, part)
-    _tokenize_once(rows, tok, recipe.data, path, source)
     t0 = time.perf_counter()
-    pairs = data.read_tokenized(path, recipe.data.on_bad_row, source, dist.log)
-    dist.log(f"data: {len(pairs)} pairs loaded from the tokenized set {path} in {time.perf_counter() - t0:.1f} s")
-    return tok, pairs, rows._fingerprint
+    loaded = data.load(recipe.data, tok, part, dist.log, _tokenize_once)
+    source = data.rows_source(recipe.data, part)
+    formats: dict[str, int] = {}
+    for s in loaded.sources:
+        for f, n in s["formats"].items():
+            formats[f] = formats.get(f, 0) + n
+    data.check_formats(formats, recipe.loss.method, source)
+    if part == "train":
+        data.LAST_SOURCES[:] = loaded.sources
+    dist.log(f"data: {len(loaded.pairs)} pairs of {source} ready in {time.perf_counter() - t0:.1f} s")
+    return tok, loaded.pairs, loaded.fingerprint
 
 
-def _tokenize_once(rows, tok, data_cfg, path, source: str) -> None:
-    """Rank 0 (then, where the directory is not shared, each node's local rank 0) tokenises; all wait."""
+def _tokenize_once(sel: data.Selection, path, key: list, build) -> None:
+    """Rank 0 (then, where the directory is not shared, each node's local rank 0) tokenises; all wait.
+
+    The writer checks an existing tokenized set first: a damaged one is named and rebuilt.
+    """
     import torch.distributed as tdist
+
+    from fpo_ds import tokenized
 
     distributed = tdist.is_available() and tdist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     for writer in (dist.rank() == 0, local_rank == 0):
         error = None
-        if writer and not path.is_dir():
-            t0 = time.perf_counter()
-            procs = len(os.sched_getaffinity(0))
-            dist.log_all(f"data: tokenizing {len(rows)} rows of {source} with {procs} process(es); other ranks wait")
+        if writer:
+
+            def timed_build():
+                t0, procs = time.perf_counter(), len(os.sched_getaffinity(0))
+                dist.log_all(f"data: tokenizing {len(sel.rows)} rows of {sel.label} with {procs} process(es)")
+                build(num_proc=procs)
+                dist.log_all(f"data: tokenized {len(sel.rows)} rows in {time.perf_counter() - t0:.1f} s -> {path}")
+
             try:
-                data.tokenize_to_disk(rows, tok, data_cfg, path, procs)
-                dist.log_all(f"data: tokenized {len(rows)} rows in {time.perf_counter() - t0:.1f} s -> {path}")
+                tokenized.ensure(path, key, timed_build, dist.log_all)
             except (ValueError, OSError) as e:
                 error = f"{type(e).__name__}: {e}"
         if not distributed:
@@ -164,7 +177,7 @@ def _tokenize_once(rows, tok, data_cfg, path, source: str) -> None:
         tdist.all_gather_object(errors, error)  # every rank learns of a failure instead of timing out
         failed = [e for e in errors if e]
         if failed:
-            raise ValueError(f"data.path: tokenizing {source} failed: {failed[0]}")
+            raise ValueError(f"data: tokenizing {sel.label} failed: {failed[0]}")
 
 
 def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Components:

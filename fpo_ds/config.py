@@ -50,25 +50,66 @@ class ModelConfig:
     """Under ZeRO-3, construct the model partitioned (never whole on one rank)."""
 
 
+DataFormat = Literal[
+    "auto",
+    "standard",
+    "conversational",
+    "conversational_implicit",
+    "implicit",
+    "ultrafeedback",
+    "sft_messages",
+    "sft_prompt_completion",
+    "sft_text",
+]  # fpo_ds/data_formats.py describes each
+
+
 @dataclass(frozen=True)
-class DataConfig:
-    """Preference pairs and how they become token ids."""
+class MixSource:
+    """One source of a data.mix: where its rows come from and how many the mix takes."""
 
     path: str = dataclasses.field(default=MISSING_REQUIRED)  # type: ignore[assignment]
-    """Hub dataset name, a local .jsonl/.json/.parquet/.arrow file, or a `save_to_disk` dir."""
+    """As data.path: a hub data set, a local file, a glob of files or a `save_to_disk` directory."""
     split: str = "train"
+    name: str | None = None
+    """Hub data set configuration (datasets' `name`)."""
+    revision: str | None = None
+    weight: float | None = None
+    """Share of the mix, relative to the other weighted sources (default 1)."""
+    count: int | None = None
+    """Exactly this many rows (more than the source has: its rows repeat). Set weight or count."""
+    format: DataFormat = "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training rows (preference pairs, or SFT examples) and how they become token ids."""
+
+    path: str | None = None
+    """Hub dataset name, a local .jsonl/.json/.parquet/.csv/.arrow file, a glob of such files, or a
+    `save_to_disk` dir. Required unless data.mix is set."""
+    split: str = "train"
+    name: str | None = None
+    """Hub data set configuration (datasets' `name`, e.g. a subset of a multi-config set)."""
+    revision: str | None = None
+    """Hub data set revision (commit, tag or branch)."""
+    format: DataFormat = "auto"
+    """Row format (fpo_ds/data_formats.py); auto detects it per row and logs it. Forcing one drops
+    (or, with on_bad_row=fail, refuses) rows of another shape as wrong_format."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several sources mixed (instead of data.path): each with path, split, weight or count, format."""
     max_length: int = 1024
     """Tokens of prompt + response (the longer of chosen/rejected)."""
     max_prompt_length: int = 512
     """Prompt tokens kept (from the right) when prompt + response exceed max_length."""
     max_samples: int | None = None
+    """Rows used at most (a mixture: its total, each source keeping its share)."""
     on_bad_row: Literal["drop", "fail"] = "drop"
     seed: int = 0
-    """Seed of the per-epoch shuffle of pair order (and of the eval_fraction hold-out)."""
+    """Seed of the per-epoch shuffle of pair order (and of the eval_fraction hold-out and the mix)."""
     eval_split: str | None = None
     """Held-out pairs: this split of data.path (e.g. UltraFeedback's test_prefs). Or use eval_fraction."""
     eval_fraction: float | None = None
-    """Held-out pairs: this share of data.split's rows (seeded by data.seed), never trained on."""
+    """Held-out pairs: this share of data.split's rows (of each mixed source's), seeded by data.seed."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +240,8 @@ class Recipe:
 
 def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Check/convert one leaf value against its annotation; append a problem if wrong."""
+    if dataclasses.is_dataclass(tp):  # a list of sections (data.mix)
+        return _build(tp, value, path, problems)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -288,11 +331,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
 def _check(r: Recipe, problems: list[str]) -> None:
     """Cross-field rules that single fields cannot express."""
     d, t, s, lo = r.data, r.train, r.sae, r.loss
-    if d.max_prompt_length >= d.max_length:
-        problems.append(
-            f"data.max_prompt_length: {d.max_prompt_length} must be < data.max_length ({d.max_length}) "
-            "so every kept pair has response tokens"
-        )
+    _check_data(d, lo.method, problems)
     for name in ("global_batch_size", "micro_batch_size", "epochs"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
@@ -359,6 +398,51 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append(f"cache.k_cache: {r.cache.k_cache} must be >= sae.k ({s.k})")
     if r.output.resume not in ("auto", "never") and not r.output.resume:
         problems.append("output.resume: use auto, never or a checkpoint path")
+
+
+def _check_data(d: DataConfig, method: str, problems: list[str]) -> None:
+    if d.path is None and not d.mix:
+        problems.append("data.path: required key is missing (or list sources under data.mix)")
+    if d.path is not None and d.mix:
+        problems.append("data.path / data.mix: set one: a single source in data.path, or several in data.mix")
+    if d.max_length < 2:
+        problems.append(f"data.max_length: must be >= 2 (prompt and response tokens), got {d.max_length}")
+    if d.max_prompt_length <= 0:
+        problems.append(
+            f"data.max_prompt_length: must be >= 1, got {d.max_prompt_length} (a prompt keeps at least its "
+            f"last token); e.g. data.max_prompt_length={max(1, d.max_length // 2)}"
+        )
+    elif d.max_prompt_length >= d.max_length:
+        problems.append(
+            f"data.max_prompt_length: {d.max_prompt_length} must be < data.max_length ({d.max_length}) "
+            "so every kept pair has response tokens"
+        )
+    if d.max_samples is not None and d.max_samples <= 0:
+        problems.append(f"data.max_samples: must be >= 1, got {d.max_samples} (null: every row)")
+    if d.eval_split is not None and d.eval_split == d.split:
+        problems.append(
+            f"data.eval_split: {d.eval_split!r} is the training split (data.split): held-out metrics would be "
+            "measured on trained rows; name another split, or hold out a share with data.eval_fraction"
+        )
+    if d.eval_split is not None and d.mix:
+        problems.append("data.eval_split: a mixture holds out a share of each source; use data.eval_fraction")
+    sft_format = [f for f in [d.format] + [m.format for m in d.mix] if f.startswith("sft_")]
+    if sft_format and method != "sft":
+        problems.append(
+            f"data.format: {sft_format[0]} rows have no rejected response; loss.method={method} needs "
+            "preference rows (use loss.method=sft, or another data.format)"
+        )
+    for i, m in enumerate(d.mix):
+        key = f"data.mix[{i}]"
+        if (m.weight is None) == (m.count is None):
+            problems.append(
+                f"{key}: set one of weight (a share of the mix) or count (rows), "
+                f"not {'both' if m.weight is not None else 'neither'}"
+            )
+        if m.weight is not None and not (math.isfinite(m.weight) and m.weight > 0):
+            problems.append(f"{key}.weight: must be a finite number > 0, got {m.weight}")
+        if m.count is not None and m.count < 1:
+            problems.append(f"{key}.count: must be >= 1, got {m.count}")
 
 
 def warnings(r: Recipe) -> list[str]:

@@ -1,17 +1,14 @@
-"""Preference data: load rows, apply the chat template, truncate, batch.
+"""Training data: select rows, apply the chat template, truncate, batch.
 
-A row is either (prompt, chosen, rejected) strings or the UltraFeedback-binarized shape
-(chosen/rejected are message lists ending with the assistant turn). Each kept pair carries
-its `example_id` (row index in the source split) so caches and resumes can name it.
+Rows come from one source or a mixture (fpo_ds.data_sources) in any of the preference or SFT
+formats (fpo_ds.data_formats); they are tokenised once into a checked cache (fpo_ds.tokenized).
+Each kept pair carries its `example_id` (row index in the selected rows, a mixture's sources one
+after another) so caches and resumes can name it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +16,14 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from fpo_ds import data_formats as F
+from fpo_ds import data_sources as S
+from fpo_ds import tokenized as T
+from fpo_ds.data_formats import BadRow
+from fpo_ds.data_sources import Source, check_jsonl
 from fpo_ds.losses import IGNORE_INDEX
 
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-class BadRow(ValueError):
-    """A row that cannot become a preference pair; `reason` is the counted kind."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+__all__ = ["BadRow", "Source", "check_jsonl", "load_rows"]  # re-exported: callers name them as data.*
 
 
 @dataclass(frozen=True)
@@ -52,125 +46,16 @@ class Batch(NamedTuple):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_rows(path: str, split: str):
-    """A `datasets.Dataset` from a local file/dir or a hub dataset name."""
-    import datasets
-
-    p = Path(path)
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    if p.suffix in LOCAL_BUILDERS:
-        if not p.is_file():
-            from fpo_ds.config import WORLD_HINT
-
-            raise FileNotFoundError(
-                f"data.path: {p} does not exist under {Path.cwd()}: pass data.path=<jsonl/json/parquet/arrow file, "
-                f"save_to_disk directory or hub dataset>. {WORLD_HINT}"
-            )
-        if p.stat().st_size == 0:
-            raise ValueError(f"data.path: {p} is empty; point data.path at a file with preference rows")
-        if p.suffix == ".jsonl":
-            check_jsonl(p)
-        try:
-            return datasets.load_dataset(LOCAL_BUILDERS[p.suffix], data_files=str(p), split="train")
-        except Exception as e:  # datasets/pyarrow errors: say which file and why, not a deep traceback
-            cause = e.__cause__ or e
-            raise ValueError(
-                f"data.path: {p} could not be read as {LOCAL_BUILDERS[p.suffix]}: {type(cause).__name__}: {cause}. "
-                "Fix or regenerate the file"
-            ) from None
-    if p.suffix or "/" not in path:
-        raise ValueError(
-            f"data.path: {path!r} is neither a local .jsonl/.json/.parquet/.arrow file, a saved dataset "
-            "directory, nor a hub dataset name like HuggingFaceH4/ultrafeedback_binarized"
-        )
-    from fpo_ds import hub
-
-    with hub.named("data.path", path, "data.path=<jsonl/json/parquet/arrow file or save_to_disk directory>"):
-        return datasets.load_dataset(path, split=split)  # e.g. HuggingFaceH4/ultrafeedback_binarized, train_prefs
-
-
-def check_jsonl(path: Path) -> None:
-    """Every line UTF-8 and one JSON object; the error names the first bad lines."""
-    import json
-
-    bad = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                if not isinstance(json.loads(raw.decode("utf-8")), dict):
-                    bad.append(f"line {n}: not a JSON object")
-            except UnicodeDecodeError as e:
-                bad.append(f"line {n}: not UTF-8 ({e.reason} at byte {e.start})")
-            except json.JSONDecodeError as e:
-                bad.append(f"line {n}: invalid JSON ({e.msg}, column {e.colno})")
-            if len(bad) >= 5:
-                break
-    if bad:
-        raise ValueError(
-            f"data.path: {path} has malformed lines: {'; '.join(bad)}. Each line must be one UTF-8 JSON object "
-            "with prompt/chosen/rejected; fix or delete those lines"
-        )
-
-
-# ----------------------------------------------------------------------------- rows -> messages
-
-
-def _messages(value, key: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise BadRow("malformed_messages", f"{key} is not a non-empty message list")
-    for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise BadRow("malformed_messages", f"{key} has a message without string role/content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def normalise(row: dict) -> tuple[list[dict], str, str]:
-    """Row -> (prompt messages, chosen text, rejected text), or raise BadRow."""
-    for key in ("chosen", "rejected"):
-        if row.get(key) is None:
-            raise BadRow("missing_field", key)
-    chosen, rejected = row["chosen"], row["rejected"]
-    if isinstance(chosen, list) or isinstance(rejected, list):
-        cm, rm = _messages(chosen, "chosen"), _messages(rejected, "rejected")
-        if cm[-1]["role"] != "assistant" or rm[-1]["role"] != "assistant":
-            raise BadRow("malformed_messages", "last message must be the assistant's response")
-        if cm[:-1] != rm[:-1]:
-            raise BadRow("prompt_mismatch", "chosen and rejected conversations differ before the response")
-        prompt = cm[:-1]
-        if not prompt and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            prompt = [{"role": "user", "content": row["prompt"]}]
-        chosen, rejected = cm[-1]["content"], rm[-1]["content"]
-    else:
-        raw_prompt = row.get("prompt")
-        if raw_prompt is None:
-            raise BadRow("missing_field", "prompt")
-        if isinstance(raw_prompt, list):
-            prompt = _messages(raw_prompt, "prompt")
-        elif isinstance(raw_prompt, str):
-            prompt = [{"role": "user", "content": raw_prompt}]
-        else:
-            raise BadRow("non_string_prompt", f"prompt is {type(raw_prompt).__name__}")
-    if not prompt or not isinstance(prompt, list) or not any(m["content"].strip() for m in prompt):
-        raise BadRow("empty_prompt")
-    for key, text in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(text, str):
-            raise BadRow("non_string_response", f"{key} is {type(text).__name__}")
-        if not text.strip():
-            raise BadRow("empty_response", key)
-    if chosen == rejected:
-        raise BadRow("identical_responses")
-    return prompt, chosen, rejected
+def load_rows(path: str, split: str, name: str | None = None, revision: str | None = None):
+    """A `datasets.Dataset`: a local file, glob or directory, or a hub data set (with its name/revision)."""
+    return S.load(S.Source("data", path, split, name, revision))
 
 
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def _response_text(tokenizer, prompt: list[dict], prompt_text: str, response: str) -> str:
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+def _response_text(tokenizer, prompt: list[dict], prompt_text: str, response: list[dict]) -> str:
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(prompt_text):
         raise ValueError(
             "the tokenizer's chat template does not render the prompt (with add_generation_prompt) as a "
@@ -188,27 +73,47 @@ def truncate(p: list[int], c: list[int], r: list[int], max_length: int, max_prom
     return p, c[:room], r[:room]
 
 
-def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tuple[list, list, list]:
-    prompt, chosen, rejected = normalise(row)
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+def render(tokenizer, conv: F.Conversation) -> tuple[list[int], list[int], list[int]]:
+    """Conversation -> untruncated (prompt, chosen, rejected) ids; an SFT row's rejected is its chosen.
+
+    sft_text has no chat template: BOS (where the tokenizer has one) is the prompt, the text and
+    EOS the response.
+    """
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    p = ids(prompt_text)
-    c = ids(_response_text(tokenizer, prompt, prompt_text, chosen))
-    r = ids(_response_text(tokenizer, prompt, prompt_text, rejected))
-    p, c, r = truncate(p, c, r, max_length, max_prompt_length)
+    if conv.format == "sft_text":
+        full = tokenizer(conv.chosen[0]["content"])["input_ids"]
+        if tokenizer.bos_token_id is not None and full[:1] != [tokenizer.bos_token_id]:
+            full = [tokenizer.bos_token_id] + full
+        if tokenizer.eos_token_id is not None and full[-1:] != [tokenizer.eos_token_id]:
+            full = full + [tokenizer.eos_token_id]
+        return full[:1], full[1:], full[1:]
+    prompt_text = tokenizer.apply_chat_template(conv.prompt, tokenize=False, add_generation_prompt=True)
+    c = ids(_response_text(tokenizer, conv.prompt, prompt_text, conv.chosen))
+    r = c if conv.rejected is None else ids(_response_text(tokenizer, conv.prompt, prompt_text, conv.rejected))
+    return ids(prompt_text), c, r
+
+
+def encode_conversation(tokenizer, conv: F.Conversation, max_length: int, max_prompt_length: int):
+    p, c, r = truncate(*render(tokenizer, conv), max_length, max_prompt_length)
     if not c or not r:
         raise BadRow("empty_after_truncation")
-    if c == r:  # no preference left to learn: it would only dilute the loss and accuracy
+    if c == r and conv.rejected is not None:  # no preference left to learn: it would only dilute the loss
         raise BadRow("identical_after_truncation", "chosen and rejected token ids are equal")
     return p, c, r
 
 
-def _encode_row(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tuple[list, list, list, str]:
-    """(prompt, chosen, rejected) ids and "" for a usable row; empty lists and why ("reason: detail") otherwise."""
+def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int, fmt: str = "auto"):
+    """Row -> (prompt, chosen, rejected) token ids, truncated; raise BadRow for an unusable row."""
+    return encode_conversation(tokenizer, F.normalise(row, fmt), max_length, max_prompt_length)
+
+
+def _encode_row(tokenizer, row: dict, max_length: int, max_prompt_length: int, fmt: str = "auto"):
+    """(prompt, chosen, rejected) ids, "" and the format for a usable row; empty lists and why otherwise."""
     try:
-        return (*encode(tokenizer, row, max_length, max_prompt_length), "")
+        conv = F.normalise(row, fmt)
+        return (*encode_conversation(tokenizer, conv, max_length, max_prompt_length), "", conv.format)
     except BadRow as e:
-        return [], [], [], str(e)
+        return [], [], [], str(e), fmt if fmt != "auto" else F.detect(row)
 
 
 def _collect(records, on_bad_row: str, source: str, log=None) -> tuple[list[Pair], dict[str, list[int]]]:
@@ -229,47 +134,100 @@ def _collect(records, on_bad_row: str, source: str, log=None) -> tuple[list[Pair
     return pairs, bad
 
 
-def build_pairs(rows, tokenizer, max_length: int, max_prompt_length: int, on_bad_row: str, source: str, log=None):
+def build_pairs(
+    rows, tokenizer, max_length: int, max_prompt_length: int, on_bad_row: str, source: str, log=None, fmt="auto"
+):
     """Tokenise every row in this process; drop (and count, with row ids) or fail on bad rows."""
-    records = ((i, *_encode_row(tokenizer, row, max_length, max_prompt_length)) for i, row in enumerate(rows))
+    encoded = (_encode_row(tokenizer, row, max_length, max_prompt_length, fmt) for row in rows)
+    records = ((i, *got[:4]) for i, got in enumerate(encoded))
     return _collect(records, on_bad_row, source, log)
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """sha256 of the vocabulary and the chat template: what decides the token ids of a row."""
-    text = json.dumps(tokenizer.get_vocab(), sort_keys=True) + str(tokenizer.chat_template)
-    return hashlib.sha256(text.encode()).hexdigest()
-
+tokenizer_digest = T.tokenizer_digest
+LAST_SOURCES: list[dict] = []  # rows per source of the last training data loaded (stored in run_info.json)
 
 Part = Literal["train", "eval"]  # the rows trained on, or the held-out rows
 
 
-def select_rows(data_cfg, part: Part = "train"):
-    """The recipe's training rows, or its held-out rows (`part`).
+class Selection(NamedTuple):
+    """The rows one source gives this part of the run."""
 
-    Training rows: data.split, cut to data.max_samples, less any held-out share. Held-out rows:
-    data.eval_split of data.path, or the data.eval_fraction share held out of data.split. The hold-out
-    is a seeded shuffle-split (data.seed), so every rank and every resume draws the same rows.
+    source: S.Source
+    rows: object  # datasets.Dataset
+    label: str  # how messages name them: path [split], and which part
+    read: int  # rows the source has (before any cut, hold-out or mix selection)
+
+
+def select(data_cfg, part: Part = "train") -> list[Selection]:
+    """The recipe's training rows, or its held-out rows (`part`), per source.
+
+    One source: data.split, cut to data.max_samples, less any held-out share. Held-out rows:
+    data.eval_split, or the data.eval_fraction share held out of data.split. A mixture
+    (data.mix): each source's rows less its held-out share, then each source's count or weighted
+    share (data_sources.mix_counts). Every hold-out and choice is seeded by data.seed, so every
+    rank and every resume draws the same rows.
     """
     d = data_cfg
+    srcs = S.sources(d)
     if part == "eval" and d.eval_split is not None:
-        return load_rows(d.path, d.eval_split)
+        rows = S.load(srcs[0], d.eval_split, "data.eval_split")
+        return [Selection(srcs[0], rows, rows_source(d, part), len(rows))]
     if part == "eval" and d.eval_fraction is None:
         raise ValueError("data: no held-out pairs; set data.eval_split or data.eval_fraction")
-    rows = load_rows(d.path, d.split)
-    if d.max_samples is not None:
-        rows = rows.select(range(min(d.max_samples, len(rows))))
-    if d.eval_fraction is None:
-        return rows
+    if not d.mix:
+        rows = S.load(srcs[0])
+        read = len(rows)
+        if d.max_samples is not None:
+            rows = rows.select(range(min(d.max_samples, len(rows))))
+        if d.eval_fraction is not None:
+            rows = _hold_out(rows, d, srcs[0])[part]
+        return [Selection(srcs[0], rows, rows_source(d, part), read)]
+    return _mix(d, srcs, part)
+
+
+def _hold_out(rows, d, src: S.Source) -> dict:
     if len(rows) < 2:
-        raise ValueError(f"data.eval_fraction: {d.path} [{d.split}] has {len(rows)} row(s); nothing to hold out")
+        raise ValueError(f"data.eval_fraction: {src.label} has {len(rows)} row(s); nothing to hold out")
     parts = rows.train_test_split(test_size=d.eval_fraction, seed=d.seed, shuffle=True)
-    return parts["test" if part == "eval" else "train"]
+    return {"train": parts["train"], "eval": parts["test"]}
+
+
+def _mix(d, srcs: list[S.Source], part: Part) -> list[Selection]:
+    loaded = [S.load(s) for s in srcs]
+    parts = [_hold_out(r, d, s) if d.eval_fraction else {"train": r} for r, s in zip(loaded, srcs)]
+    counts = S.mix_counts([len(p["train"]) for p in parts], srcs, d.max_samples)
+    out = []
+    for i, (src, p, n) in enumerate(zip(srcs, parts, counts)):
+        if n < 1:
+            raise ValueError(f"{src.key}: its weight gives 0 of the mix's rows; raise its weight or set a count")
+        if part == "eval":  # the held-out share of what the mix takes from this source
+            f = d.eval_fraction
+            n = min(len(p["eval"]), max(1, round(n * f / (1 - f))))
+        rows = S.take(p[part], n, d.seed, i)
+        what = "held-out " if part == "eval" else ""
+        out.append(Selection(src, rows, f"{src.label}: {n} {what}rows of {len(p[part])}", len(loaded[i])))
+    return out
+
+
+def fingerprint(selections: list[Selection]) -> str:
+    """The data's fingerprint: the selected rows of every source and their forced formats."""
+    fmt = lambda s: "" if s.source.format == "auto" else f":{s.source.format}"  # noqa: E731
+    return S.fingerprint([s.rows._fingerprint + fmt(s) for s in selections])
+
+
+def select_rows(data_cfg, part: Part = "train"):
+    """The rows of a one-source recipe (tools that read rows directly)."""
+    selections = select(data_cfg, part)
+    if len(selections) > 1:
+        raise ValueError("data.mix: this tool reads one source; use data.path")
+    return selections[0].rows
 
 
 def rows_source(data_cfg, part: Part) -> str:
     """How messages name the rows: path [split], and which part."""
     d = data_cfg
+    if d.mix:
+        return f"data.mix of {len(d.mix)} sources" + (" (held-out part)" if part == "eval" else "")
     if part == "eval":
         return f"{d.path} [{d.eval_split}]" if d.eval_split else f"{d.path} [{d.split}, held-out {d.eval_fraction}]"
     return f"{d.path} [{d.split}]" + (f" less the held-out {d.eval_fraction}" if d.eval_fraction else "")
@@ -279,72 +237,116 @@ def has_eval(data_cfg) -> bool:
     return data_cfg.eval_split is not None or data_cfg.eval_fraction is not None
 
 
-def tokenized_path(data_cfg, tokenizer, rows) -> Path:
-    """Where the tokenised rows live: keyed by everything that decides them (rows, tokenizer, lengths)."""
-    import datasets
-
-    key = [TOKENIZED_FORMAT, rows._fingerprint, tokenizer_digest(tokenizer), data_cfg.max_length]
-    key.append(data_cfg.max_prompt_length)
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
-    return Path(datasets.config.HF_DATASETS_CACHE) / "fpo_ds-tokenized" / digest
+def tokenized_key(data_cfg, tokenizer, sel: Selection) -> list:
+    return T.key(sel.rows, sel.source.format, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
 
 
-TOKENIZED_FORMAT = 1
-
-
-def _encode_rows(batch: dict, indices: list[int], tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    """datasets.map function: a batch of rows -> token id columns, and why a row is unusable ("" if usable)."""
-    names = ("prompt_ids", "chosen_ids", "rejected_ids", "bad")
+def _encode_rows(batch: dict, indices: list[int], tokenizer, max_length: int, max_prompt_length: int, fmt: str):
+    """datasets.map function: a batch of rows -> token id columns, why a row is unusable ("" if usable), format."""
+    names = T.COLUMNS[1:]
     out: dict[str, list] = {"example_id": list(indices), **{k: [] for k in names}}
     for j in range(len(indices)):
-        got = _encode_row(tokenizer, {k: v[j] for k, v in batch.items()}, max_length, max_prompt_length)
+        got = _encode_row(tokenizer, {k: v[j] for k, v in batch.items()}, max_length, max_prompt_length, fmt)
         for key, value in zip(names, got):
             out[key].append(value)
     return out
 
 
-def tokenize_to_disk(rows, tokenizer, data_cfg, path: Path, num_proc: int = 1) -> None:
+def tokenize_to_disk(sel: Selection, tokenizer, data_cfg, path: Path, num_proc: int = 1, progress: bool = True):
     """Tokenise every row once (num_proc processes) and save the columns under `path` (atomically)."""
+    rows = sel.rows
     num_proc = num_proc if len(rows) >= 2000 else 1  # forking workers costs more than a small set
-    cfg_prompt = data_cfg.max_prompt_length
     ds = rows.map(
         _encode_rows,
         batched=True,
         with_indices=True,
         remove_columns=rows.column_names,
         num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": data_cfg.max_length, "max_prompt_length": cfg_prompt},
-        desc=f"tokenizing {data_cfg.path}",
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": data_cfg.max_length,
+            "max_prompt_length": data_cfg.max_prompt_length,
+            "fmt": sel.source.format,
+        },
+        desc=f"tokenizing {sel.source.label}",  # datasets' progress bar: rows/s and ETA
         load_from_cache_file=False,
     )
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    ds.save_to_disk(str(tmp))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another writer finished first: its result is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    T.write(ds, path, tokenized_key(data_cfg, tokenizer, sel))
 
 
-def read_tokenized(path: Path, on_bad_row: str, source: str, log=None) -> list[Pair]:
-    """The saved columns -> pairs in source row order; bad rows dropped (counted) or, with `fail`, refused."""
-    import datasets
+class Loaded(NamedTuple):
+    pairs: list[Pair]
+    fingerprint: str  # of the selected rows of every source (data_sources.fingerprint)
+    sources: list[dict]  # per source: rows read, selected, kept, dropped per reason, formats
 
-    table = datasets.load_from_disk(str(path)).data  # memory-mapped Arrow: columns convert in bulk
-    cols = [table.column(k).to_pylist() for k in ("example_id", "prompt_ids", "chosen_ids", "rejected_ids", "bad")]
-    return _collect(zip(*cols), on_bad_row, source, log)[0]
+
+def read_tokenized(path: Path, on_bad_row: str, source: str, log=None, vocab_size: int = 2**62, offset: int = 0):
+    """The saved columns -> (pairs in row order, dropped row ids per reason, {format: rows}).
+
+    Bad rows are dropped (and counted) or, with on_bad_row=fail, refused. `offset` is added to
+    the row ids (a mixture's later sources follow the earlier ones).
+    """
+    ids, p, c, r, bad, fmts = T.read(path, vocab_size)
+    pairs, dropped = _collect(zip([i + offset for i in ids], p, c, r, bad), on_bad_row, source, log)
+    return pairs, dropped, dict(Counter(fmts))
+
+
+def check_formats(formats: dict[str, int], method: str, source: str) -> None:
+    """SFT rows have no rejected response: only method sft trains on them."""
+    sft = {f: n for f, n in formats.items() if f in F.SFT}
+    if sft and method != "sft":
+        raise ValueError(
+            f"{source}: {sum(sft.values())} row(s) in SFT format ({', '.join(sft)}) have no rejected response; "
+            f"loss.method={method} needs preference rows. Use loss.method=sft, or point data at preference data"
+        )
+
+
+def describe_formats(formats: dict[str, int], forced: str) -> str:
+    how = "forced by data.format" if forced != "auto" else "detected"
+    return ", ".join(f"{f} ({n} rows)" for f, n in sorted(formats.items(), key=lambda x: -x[1])) + f", {how}"
+
+
+def load(data_cfg, tokenizer, part: Part = "train", log=None, prepare=None) -> Loaded:
+    """Recipe data section -> the tokenised pairs of every source, in row order.
+
+    `prepare(selection, path, key, build)` makes sure the tokenized set at `path` exists and is intact
+    (calling `build()` to write it); by default in this process. components.load_data passes one
+    where one rank tokenises and the others wait.
+    """
+    log = log or (lambda message: None)
+    d = data_cfg
+    pairs, offset, sources = [], 0, []
+    selections = select(d, part)
+    for sel in selections:
+        k = tokenized_key(d, tokenizer, sel)
+        path = T.path_for(k)
+        build = functools.partial(tokenize_to_disk, sel, tokenizer, d, path)
+        if prepare is None:
+            T.ensure(path, k, build, log)
+        else:
+            prepare(sel, path, k, build)
+        got, dropped, formats = read_tokenized(path, d.on_bad_row, sel.label, log, len(tokenizer), offset)
+        log(f"data: {sel.label}: format {describe_formats(formats, sel.source.format)}; {len(got)} pairs kept")
+        pairs += got
+        offset += len(sel.rows)
+        sources.append(
+            {
+                "source": sel.label,
+                "key": sel.source.key,
+                "rows_read": sel.read,
+                "rows_selected": len(sel.rows),
+                "pairs_kept": len(got),
+                "dropped": {reason: {"rows": len(ids), "example_ids": ids[:10]} for reason, ids in dropped.items()},
+                "formats": formats,
+            }
+        )
+    return Loaded(pairs, fingerprint(selections), sources)
 
 
 def load_pairs(data_cfg, tokenizer, part: Part = "train", log=None) -> tuple[list[Pair], str]:
-    """Recipe data section -> (tokenised pairs in source row order, dataset fingerprint), in this process.
-
-    Distributed runs use components.load_data instead: one rank tokenises, the others load its result.
-    """
-    rows = select_rows(data_cfg, part)
-    path = tokenized_path(data_cfg, tokenizer, rows)
-    if not path.is_dir():
-        tokenize_to_disk(rows, tokenizer, data_cfg, path)
-    source = rows_source(data_cfg, part)
-    return read_tokenized(path, data_cfg.on_bad_row, source, log), rows._fingerprint
+    """(pairs, fingerprint) of the recipe's data, tokenised in this process (tools and tests)."""
+    out = load(data_cfg, tokenizer, part, log)
+    return out.pairs, out.fingerprint
 
 
 # ----------------------------------------------------------------------------- order and batches

@@ -257,6 +257,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
             "resume_changes": {k: list(v) for k, v in changes.items()},
             "total_steps": c.total_steps,
             "deepspeed_config": c.ds_cfg,  # as resolved (deepspeed.config=auto records its choice)
+            "data_sources": data.LAST_SOURCES,  # rows read, selected and kept per source (a mixture's too)
             **rundir.versions(),
         }
         if c.objective.ref_kind == "offline":

@@ -47,7 +47,7 @@ def test_missing_required_and_unknown_section():
     assert set(e.value.problems) >= {
         "modle: unknown key (did you mean model?)",
         "model.name_or_path: required key is missing",
-        "data.path: required key is missing",
+        "data.path: required key is missing (or list sources under data.mix)",
     }
 
 

@@ -127,7 +127,7 @@ def test_local_formats_load(tmp_path, fmt):
 
 def test_bad_data_path_message():
     with pytest.raises(ValueError, match="data.path"):
-        D.load_rows("nonexistent.csv", "train")
+        D.load_rows("nonexistent.txt", "train")
     with pytest.raises(FileNotFoundError, match="data.path"):
         D.load_rows("missing.jsonl", "train")
 
