@@ -9,6 +9,7 @@ import sys
 
 def _validate(args) -> int:
     from fpo_ds import config as C
+    from fpo_ds import local_paths
     from fpo_ds.sae import registry_problems
 
     try:
@@ -20,12 +21,15 @@ def _validate(args) -> int:
 
     problems = registry_problems(recipe.sae.release, recipe.sae.sae_id) if recipe.sae.release else []
     problems += split_problems(recipe.data)
-    if problems:
-        print(C.ConfigError(problems, args.recipe), file=sys.stderr)
+    path_problems, notes = local_paths.check(recipe)
+    if problems + path_problems:
+        print(C.ConfigError(problems + path_problems, args.recipe), file=sys.stderr)
         return 1
     for line in C.warnings(recipe):
         print(f"{args.recipe}: warning: {line}", file=sys.stderr)
-    print(f"{args.recipe}: ok ({recipe.loss.method}, {recipe.model.name_or_path})")
+    for line in notes:
+        print(f"{args.recipe}: {line}")
+    print(f"{args.recipe}: ok ({recipe.loss.method}, {recipe.model.name_or_path}; local paths exist)")
     return 0
 
 

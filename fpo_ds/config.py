@@ -23,7 +23,10 @@ METHODS = ("sft", "dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo")
 DEFAULT_BETA = {"sft": 0.0, "dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1, "fpo": 0.1}
 MISSING_REQUIRED = object()
 # Where recipes/tiny.yaml's model and data come from (named in missing-path errors).
-WORLD_HINT = "recipes/tiny.yaml's model and data are written by `fpo-ds toy runs/demo/world` (or `make demo`)"
+WORLD_HINT = (
+    "recipes/tiny.yaml's model and data are written by `fpo-ds toy runs/world` (`make demo` writes its own "
+    "worlds, runs/demo/seed<N>/world, e.g. model.name_or_path=runs/demo/seed1/world/model)"
+)
 
 
 class ConfigError(ValueError):

@@ -3,7 +3,7 @@
 #   slurm/compare.sh SIZE [--root DIR] [--sft | --sft-model DIR] [--methods dpo,tdpo1,tdpo2,simpo,fpo]
 #       [--alpaca-eval FILE] [--arena-hard FILE] [--mt-bench FILE] [--world DIR] [key=value ...]
 # SIZE: 2b, 9b (recipes/gemma-2-*.yaml) or tiny (the embedded world, CPU). Settings per size and method:
-# recipes/compare/paper.yaml. ROOT (default runs/compare-SIZE) gets the runs, the cache, the exported models,
+# slurm/compare.yaml. ROOT (default runs/compare-SIZE) gets the runs, the cache, the exported models,
 # the answer files, Slurm logs (ROOT/logs), the job list (ROOT/jobs.tsv) and the table (ROOT/report.md).
 #
 #   [SFT train -> SFT export]                                    (--sft; else --sft-model or the recipe's model)

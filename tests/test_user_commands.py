@@ -99,3 +99,65 @@ def test_each_log_line_is_one_write(monkeypatch):
     dist.log_all("FAILED:", "boom")
     assert out.writes == ["step 3 loss 0.5\n"]
     assert len(err.writes) == 1 and err.writes[0].endswith("rank 0] FAILED: boom\n")
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def test_validate_checks_local_paths_and_names_each_key(world, tmp_path):
+    env = _user_env()
+    proc = _fpo_ds("validate", "recipes/tiny.yaml", "model.name_or_path=/no/such/dir", env=env, timeout=120)
+    assert proc.returncode == 1 and "model.name_or_path: /no/such/dir does not exist" in proc.stderr
+    assert "fpo-ds toy runs/world" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "stray").write_text("")
+    bad = [
+        f"model.name_or_path={tmp_path}",  # a directory, but no config.json
+        f"data.path={tmp_path / 'missing.jsonl'}",
+        "loss.method=fpo",
+        f"sae.path={tmp_path / 'no-sae'}",
+        f"sae.feature_weights={tmp_path / 'w.pt'}",
+        f"cache.dir={tmp_path / 'cache'}",  # holds files but no manifest
+        "deepspeed.config=nope.json",
+        f"output.resume={tmp_path / 'no-ckpt'}",
+    ]
+    proc = _fpo_ds("validate", "recipes/tiny.yaml", *bad, env=env, timeout=120)
+    assert proc.returncode == 1 and "7 problem(s)" in proc.stderr, proc.stderr
+    for key in ("model.name_or_path", "data.path", "sae.path", "sae.feature_weights", "cache.dir", "deepspeed.config"):
+        assert f"  - {key}: " in proc.stderr, key
+    assert "  - output.resume: " in proc.stderr and "has no config.json" in proc.stderr
+    good = [
+        f"model.name_or_path={world / 'model'}",
+        f"data.path={world / 'data' / 'train.jsonl'}",
+        "loss.method=fpo",
+        "sae.release=gemma-scope-2b-pt-res-canonical",
+        "sae.sae_id=layer_25/width_16k/canonical",
+        f"cache.dir={tmp_path / 'new-cache'}",
+    ]
+    proc = _fpo_ds("validate", "recipes/tiny.yaml", *good, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sae.release/sae.sae_id: not checked: hub id gemma-scope-2b-pt-res-canonical" in proc.stdout
+    assert "cache.dir: " in proc.stdout and "not built yet" in proc.stdout
+    proc = _fpo_ds("validate", "recipes/gemma-2-2b.yaml", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.name_or_path: not checked: hub id google/gemma-2-2b" in proc.stdout
+    assert "data.path: not checked: hub id HuggingFaceH4/ultrafeedback_binarized" in proc.stdout
+
+
+def test_every_yaml_under_recipes_is_a_recipe():
+    # The comparison's settings (slurm/compare.yaml) are not a recipe and do not live among them.
+    from fpo_ds import config as C
+
+    paths = sorted((ROOT / "recipes").rglob("*.yaml"))
+    assert paths and all(C.load(p) for p in paths)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_plan_prints_small_host_sizes_in_kib(capsys):
+    from fpo_ds import cli
+
+    assert cli.main(["plan", str(ROOT / "recipes" / "gemma-2-2b.yaml"), "--nodes", "8"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "host_cache_per_1k_pairs" in x)
+    assert "KiB" in line and "(host memory, not GPU)" in line and " 0.0" not in line, line

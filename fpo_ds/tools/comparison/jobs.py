@@ -3,7 +3,7 @@
     eval "$(python -m fpo_ds.tools.comparison.jobs SIZE [--root DIR] [--sft | --sft-model DIR] [--methods LIST]
             [--alpaca-eval FILE] [--arena-hard FILE] [--mt-bench FILE] [--world DIR] [key=value ...])"
 
-Reads recipes/compare/paper.yaml (per-size and per-method settings), builds each stage's recipe
+Reads slurm/compare.yaml (per-size and per-method settings), builds each stage's recipe
 overrides, loads every resulting recipe (a typo fails here, not in a queued job), reads the question
 files, writes ROOT/compare.json (what `fpo-ds compare-report` reads) and prints bash assignments for
 slurm/compare.sh, which submits the jobs. The layout under ROOT:
@@ -32,7 +32,7 @@ from fpo_ds import answer_formats as F
 from fpo_ds import config as C
 
 REPO = Path(__file__).resolve().parents[3]
-SETTINGS = REPO / "recipes" / "compare" / "paper.yaml"
+SETTINGS = REPO / "slurm" / "compare.yaml"  # not a recipe: per-size and per-method settings
 METHODS = ("dpo", "tdpo1", "tdpo2", "simpo", "fpo")
 QUESTION_FLAGS = {"alpaca_eval": "--alpaca-eval", "arena_hard": "--arena-hard", "mt_bench": "--mt-bench"}
 
@@ -185,7 +185,7 @@ def shell(plan: dict) -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fpo_ds.tools.comparison.jobs", description=__doc__.split("\n\n")[0])
-    p.add_argument("size", help="a size of recipes/compare/paper.yaml: 2b, 9b or tiny")
+    p.add_argument("size", help="a size of slurm/compare.yaml: 2b, 9b or tiny")
     p.add_argument("--root", help="runs, cache, models, answers, report (default runs/compare-SIZE)")
     sft = p.add_mutually_exclusive_group()
     sft.add_argument("--sft", action="store_true", help="run the SFT stage from the recipe's base model first")

@@ -312,7 +312,8 @@ def _print_memory(recipe, shape, topo: comms.Topology, d_sae, group, gpu_mem: fl
     items = estimate(recipe, shape._asdict(), topo.nodes, topo.gpus, d_sae, group)
     print("Memory per GPU:")
     for k, v in items.items():
-        print(f"  {k:24s} {v / GIB:8.2f} GiB {v / 2**20:12,.1f} MiB")
+        size = f"{v / GIB:8.2f} GiB {v / 2**20:12,.1f} MiB" if v >= 2**20 else f"{v / 2**10:8.1f} KiB"  # never "0.00"
+        print(f"  {k:24s} {size}{'   (host memory, not GPU)' if k.startswith('host_') else ''}")
     lines = advice(items, recipe, gpu_mem * GIB)
     for line in lines:
         print(f"  {line}")
