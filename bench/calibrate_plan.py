@@ -21,7 +21,7 @@ from fpo_ds import data
 from fpo_ds import model as M
 from fpo_ds.tools.benchmarks import bench
 from fpo_ds.tools.demo import toy
-from fpo_ds.tools.planner import plan, shapes
+from fpo_ds.tools.planner import memory, shapes
 
 CONFIG_KEYS = ("hidden", "layers", "micro", "nproc", "steps", "d_sae")
 FIX = "pass the bench.json that `bash bench/gpu.sh` (or `fpo-ds bench --out DIR`) wrote, e.g. runs/bench-gpu/bench.json"
@@ -116,7 +116,7 @@ def main(path: str) -> None:
             "cache": {"dir": "x"},
             "train": {"micro_batch_size": cfg["micro"], "global_batch_size": g},
         }
-        items = plan.estimate(C.from_dict(raw), nums, 1, cfg["nproc"], cfg["d_sae"])
+        items = memory.estimate(C.from_dict(raw), nums, 1, cfg["nproc"], cfg["d_sae"])
         est = sum(v for k, v in items.items() if not k.startswith("host")) / 2**20
         measured = statistics_median(res["methods"][name]["peak_mem_mib"])
         print(f"| {name} | {est:.0f} | {measured:.0f} | {100 * (est - measured) / measured:+.1f}% |")

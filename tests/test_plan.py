@@ -4,12 +4,14 @@ The ZeRO-3 model is checked against numbers DeepSpeed's own comms logger recorde
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
 from fpo_ds import config as C
-from fpo_ds.tools.planner import comms, plan, shapes
+from fpo_ds.tools.planner import comms, links, memory, plan, shapes, timing
 
+ROOT = Path(__file__).resolve().parent.parent
 NUMS = {"params": 2_600_000_000, "largest_layer": 590_000_000, "hidden": 2304, "layers": 26, "vocab": 256_000}
 
 
@@ -27,23 +29,23 @@ def _recipe(ds: str, method: str = "fpo", checkpointing: bool = True) -> C.Recip
     )
 
 
-def test_offload_moves_model_states_to_the_host_and_zero2_is_refused():
-    on_gpu = plan.estimate(_recipe("zero3_bf16.json"), NUMS, 1, 8, d_sae=16384)
-    offload = plan.estimate(_recipe("zero3_offload_bf16.json"), NUMS, 1, 8, d_sae=16384)
+def test_offload_moves_model_states_to_the_host_and_zero2_keeps_whole_parameters():
+    on_gpu = memory.estimate(_recipe("zero3_bf16.json"), NUMS, 1, 8, d_sae=16384)
+    offload = memory.estimate(_recipe("zero3_offload_bf16.json"), NUMS, 1, 8, d_sae=16384)
     assert offload["model_states"] < on_gpu["model_states"] and offload["zero_buffers"] < on_gpu["zero_buffers"]
     assert offload["host_model_states_per_node"] > 0 and "host_model_states_per_node" not in on_gpu
     assert on_gpu["sae_shard"] == 2304 * 2048 * 4 and on_gpu["sae_encode"] > 0
-    with pytest.raises(ValueError, match="ZeRO stage 2; fpo-ds plan models ZeRO-3"):
-        plan.estimate(_recipe("zero2_bf16.json"), NUMS, 1, 8)
+    zero2 = memory.estimate(_recipe("zero2_bf16.json"), NUMS, 1, 8)
+    assert zero2["model_states"] > max(2 * NUMS["params"], on_gpu["model_states"])  # 16-bit weights whole per GPU
 
 
 def test_checkpointing_and_a_live_reference_change_the_estimate_as_they_should():
-    ckpt = plan.estimate(_recipe("zero3_bf16.json", "dpo"), NUMS, 1, 8)
-    full = plan.estimate(_recipe("zero3_bf16.json", "dpo", checkpointing=False), NUMS, 1, 8)
+    ckpt = memory.estimate(_recipe("zero3_bf16.json", "dpo"), NUMS, 1, 8)
+    full = memory.estimate(_recipe("zero3_bf16.json", "dpo", checkpointing=False), NUMS, 1, 8)
     assert full["activations"] > 5 * ckpt["activations"]
-    live = plan.estimate(_recipe("zero3_bf16.json", "tdpo2"), NUMS, 1, 8)
-    assert "reference" in live and "reference" not in plan.estimate(_recipe("zero3_bf16.json", "simpo"), NUMS, 1, 8)
-    assert any("does NOT fit" in line for line in plan.advice(full, _recipe("zero3_bf16.json"), 8 * 2**30))
+    live = memory.estimate(_recipe("zero3_bf16.json", "tdpo2"), NUMS, 1, 8)
+    assert "reference" in live and "reference" not in memory.estimate(_recipe("zero3_bf16.json", "simpo"), NUMS, 1, 8)
+    assert any("does NOT fit" in line for line in memory.advice(full, _recipe("zero3_bf16.json"), 8 * 2**30))
 
 
 # ----------------------------------------------------------------------------- offline shapes
@@ -85,7 +87,7 @@ def test_every_big_recipe_plans_offline_from_shipped_shapes(path, no_network):
     shape = shapes.model_shape(recipe.model.name_or_path)
     assert shape.params == PUBLIC_PARAMS[path]
     assert shapes.sae_width(recipe.sae, shape.hidden)[0] == SAE_WIDTHS[path]
-    got = comms.collective_bytes(recipe, shape, comms.Topology(64, 8), SAE_WIDTHS[path])
+    got = comms.collective_bytes(recipe, shape, links.Topology(64, 8), SAE_WIDTHS[path])
     assert got["zero_allgather_fwd"] > 0 and got["zero_reduce_scatter"] > 0 and got["sae_gather_alltoall"] > 0
 
 
@@ -132,7 +134,7 @@ def test_sae_traffic_stays_in_the_node_under_node_and_grows_with_world(gemma9b):
     wl = comms.Workload(micro=1, accumulation=4, seq_tokens=600, response_tokens=400)
 
     def sae(nodes, group):
-        return comms.collective_bytes(recipe, shape, comms.Topology(nodes, 8), 16384, shard_group=group, wl=wl)[
+        return comms.collective_bytes(recipe, shape, links.Topology(nodes, 8), 16384, shard_group=group, wl=wl)[
             "sae_gather_alltoall"
         ]
 
@@ -145,28 +147,32 @@ def test_sae_traffic_stays_in_the_node_under_node_and_grows_with_world(gemma9b):
 
 def test_zeropp_moves_fewer_bytes_across_nodes(gemma9b):
     recipe, shape = gemma9b
-    topo = comms.Topology(8, 8)
+    topo = links.Topology(8, 8)
     plain = comms.zero_settings("ds_configs/zero3_bf16.json")
     zpp = comms.zero_settings("ds_configs/zero3pp_bf16.json")
     assert (zpp.hpz, zpp.qwz, zpp.qgz) == (8, True, True) and plain == zpp.zeropp(8, False)
-    base, pp = (comms.collective_bytes(recipe, shape, topo, 16384, zero=z) for z in (plain, zpp))
+    wl = comms.Workload(micro=1, accumulation=4, seq_tokens=600, response_tokens=400)  # the one-node split
+    base, pp = (comms.collective_bytes(recipe, shape, topo, 16384, zero=z, wl=wl) for z in (plain, zpp))
     assert pp["inter_node_bytes"] < 0.2 * base["inter_node_bytes"]  # hpZ + int8 gathers + int4 gradients
-    hpz = comms.collective_bytes(recipe, shape, topo, 16384, zero=comms.zero_settings("ds_configs/zero3_hpz_bf16.json"))
+    hpz = comms.collective_bytes(
+        recipe, shape, topo, 16384, zero=comms.zero_settings("ds_configs/zero3_hpz_bf16.json"), wl=wl
+    )
     assert pp["inter_node_bytes"] < hpz["inter_node_bytes"] < base["inter_node_bytes"]
 
 
 def test_cache_rows_are_the_cache_files_columns(gemma9b):
     recipe, shape = gemma9b  # FPO: k_cache = 4 x sae.k = 200 entries per row
-    got = comms.collective_bytes(recipe, shape, comms.Topology(1, 8), 16384)["cache_read"]
+    got = comms.collective_bytes(recipe, shape, links.Topology(1, 8), 16384)["cache_read"]
     assert got == 4 * 1 * (2 * 200 * 8 + 32)  # 4 micro-batches of 1 pair
 
 
 def test_weak_scaling_table_has_the_five_node_counts(gemma9b):
     recipe, shape = gemma9b
     wl = comms.Workload(micro=1, accumulation=4, seq_tokens=600, response_tokens=400)
-    rows = comms.weak_scaling(recipe, shape, comms.Topology(1, 8), 16384, wl, 0.35, 989.0)
+    rows = timing.weak_scaling(recipe, shape, links.Topology(1, 8), 16384, wl, 0.35, 989.0)
     assert sorted({r["nodes"] for r in rows}) == [1, 2, 8, 16, 64] and len(rows) == 5 * 2 * 3
-    lines = plan.weak_table(rows, 8, wl)
+    assert {r["nodes"]: r["global_batch"] for r in rows} == {1: 32, 2: 64, 8: 256, 16: 512, 64: 2048}
+    lines = plan.weak_table([rows], 8)
     assert [line.split("|")[1].strip() for line in lines[2:7]] == ["1", "2", "8", "16", "64"]
     at = {(r["nodes"], r["zeropp"], r["group"]): r for r in rows}
     assert at[(64, True, "node")]["step_s"] < at[(64, False, "node")]["step_s"]  # ZeRO++ pays off across nodes
@@ -176,7 +182,7 @@ def test_weak_scaling_table_has_the_five_node_counts(gemma9b):
 def test_the_cli_prints_bytes_time_and_the_table_offline(capsys, no_network):
     plan.main(["recipes/gemma-2-9b.yaml", "--nodes", "64", "--gpus-per-node", "8", "train.global_batch_size=2048"])
     out = capsys.readouterr().out
-    assert "note:" not in out  # 2048 = micro 1 x 512 ranks x accumulation 4: the recipe's own batch
+    assert "CHANGED" not in out  # 2048 = micro 1 x 512 ranks x accumulation 4: the recipe's own batch
     for needle in (
         "zero_allgather_fwd",
         "zero_reduce_scatter",
@@ -186,6 +192,72 @@ def test_the_cli_prints_bytes_time_and_the_table_offline(capsys, no_network):
         "| 64 | 512 |",
     ):
         assert needle in out
+
+
+def test_the_9b_recipe_on_64_nodes_keeps_its_batch_or_says_so(capsys, no_network):
+    plan.main(["recipes/gemma-2-9b.yaml", "--nodes", "64", "--gpus-per-node", "8"])
+    out = capsys.readouterr().out
+    assert "global batch 32 pairs (the recipe's train.global_batch_size); data-parallel limit 32 ranks" in out
+    assert "CHANGED the global batch: 32 pairs cannot be split over micro 1 x 512 ranks" in out
+    strong = out[out.index("Strong scaling: global batch 32 fixed") :].splitlines()
+    assert [line.split("|")[1].strip() for line in strong[3:6]] == ["1", "2", "4"]  # 8, 16, 32 GPUs: the limit
+    assert "epoch = 61,135 pairs" in strong[0]
+    assert "fewer nodes: --nodes 4 (32 ranks" in out and "train.global_batch_size=512" in out
+    assert "retune train.lr" in out
+    # no MFU was pinned: both ends of the range, each with its source
+    assert "MFU not calibrated" in out and "low: " in out and "high: " in out
+    assert "MFU 0.10: compute" in out and "MFU 0.40: compute" in out
+
+
+def test_the_mfu_is_pinned_by_flag_or_by_a_bench_run(capsys, no_network):
+    plan.main(["recipes/gemma-2-2b.yaml", "--mfu", "0.3"])
+    out = capsys.readouterr().out
+    assert "MFU 0.30 (pinned: --mfu)" in out and "MFU not calibrated" not in out
+    plan.main(["recipes/gemma-2-2b.yaml", "--calibrate", "bench/results/h200-gemma-2-2b-bench.json"])
+    out = capsys.readouterr().out
+    assert "pinned: --calibrate h200-gemma-2-2b-bench.json: fpo median MFU 0.098 as reported (6N)" in out
+
+
+def test_one_flops_convention_6n_attention_recompute_by_hand():
+    from fpo_ds.tools.planner import compute
+
+    shape = shapes.model_shape("google/gemma-2-2b")
+    n, attn = shape.params, 4 * 26 * 8 * 256 * 1024  # tied embedding: every parameter is in a matmul
+    assert compute.train_flops_per_token(shape, 1024, False) == 3 * (2 * n + attn)
+    assert compute.train_flops_per_token(shape, 1024, True) == 4 * (2 * n + attn)
+    # the shipped 2B bench run (6N, checkpointing, 1024 tokens) in this convention
+    got = compute.bench_mfu("bench/results/h200-gemma-2-2b-bench.json")
+    assert got.value == pytest.approx(0.0978 * 4 * (2 * n + attn) / (6 * n), rel=0.01)
+
+
+def test_all_to_all_latency_grows_with_the_peer_count():
+    topo = links.Topology(64, 8)
+    small = links.Traffic("x", 8.0, 1, links.Link(8, 8), "all_to_all", "bwd", 0)
+    big = small._replace(link=links.Link(64, 1))
+    assert links.seconds(big, topo) > 10 * links.seconds(small, topo)  # 63 network hops against 7 NVLink ones
+
+
+def test_every_step_pays_its_syncs_and_zero2_all_reduces(gemma9b):
+    recipe, shape = gemma9b
+    wl = comms.Workload(micro=1, accumulation=4, seq_tokens=600, response_tokens=400)
+    step = comms.plan_step(recipe, shape, links.Topology(2, 8), 16384, wl=wl)
+    names = [t.name for t in step.traffic if t.micro < 0]
+    assert {"metrics_all_reduce", "stop_check", "grad_norm_all_reduce", "overflow_check"} <= set(names)
+    assert names.count("stop_check") == 1  # once per optimizer step, not per micro-batch
+    z2 = comms.plan_step(recipe, shape, links.Topology(2, 8), 16384, zero=comms.ZeroSettings(item=2, stage=2), wl=wl)
+    red = [t for t in z2.traffic if t.name == "zero_allreduce"]
+    assert len(red) == 4 and red[0].received == pytest.approx(2 * 15 / 16 * shape.params * 2)
+    assert not any(t.name.startswith("zero_allgather_f") for t in z2.traffic)
+
+
+def test_tune_prints_three_ranked_settings_with_overrides(capsys, no_network):
+    plan.main(["recipes/gemma-2-2b.yaml", "--nodes", "2", "--gpus-per-node", "8", "--tune"])
+    out = capsys.readouterr().out
+    tune = out[out.index("Tune: fastest settings at global batch 32") :]
+    ranked = [line for line in tune.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
+    times = [float(line.split("step ")[1].split(" s")[0]) for line in ranked]
+    assert len(ranked) == 3 and times == sorted(times)
+    assert tune.count("overrides: train.micro_batch_size=") == 3 and tune.count('"zero_optimization"') == 3
 
 
 # ----------------------------------------------------------------------------- against DeepSpeed itself
@@ -235,11 +307,11 @@ def test_the_zero3_model_reproduces_deepspeeds_comms_logger(tiny_dir, ranks, ckp
         [f"model.name_or_path={tiny_dir}", "loss.method=simpo", f"model.gradient_checkpointing={str(ckpt).lower()}"],
     )
     shape = shapes.model_shape(tiny_dir)
-    topo = comms.Topology(ranks // 2 if "hpz" in knobs else 1, 2 if "hpz" in knobs else ranks)
+    topo = links.Topology(ranks // 2 if "hpz" in knobs else 1, 2 if "hpz" in knobs else ranks)
     zero = comms.ZeroSettings(item=4, **knobs)
     step = comms.plan_step(recipe, shape, topo, zero=zero, wl=comms.Workload(2, 2, 40, 20))
     calls = {}
-    for t in step.traffic:
+    for t in (t for t in step.traffic if t.name.startswith("zero_")):  # not the per-step syncs
         calls[t.name.startswith("zero_allgather")] = calls.get(t.name.startswith("zero_allgather"), 0) + t.calls
     assert (step.logged.allgather, calls[True], step.logged.reduce_scatter, calls[False]) == (
         ag,
@@ -251,13 +323,44 @@ def test_the_zero3_model_reproduces_deepspeeds_comms_logger(tiny_dir, ranks, ckp
 
 def test_memory_items_use_the_shard_group():
     def shard(group, nodes=2):
-        return plan.estimate(_recipe("zero3_bf16.json"), NUMS, nodes, 8, d_sae=16384, shard_group=group)["sae_shard"]
+        return memory.estimate(_recipe("zero3_bf16.json"), NUMS, nodes, 8, d_sae=16384, shard_group=group)["sae_shard"]
 
     assert shard("node") == 2304 * 2048 * 4 and shard("world") == 2304 * 1024 * 4 and shard("none") == 2304 * 16384 * 4
-    assert "hpz_secondary" in plan.estimate(_recipe("zero3pp_bf16.json"), NUMS, 2, 8, d_sae=16384)
+    assert "hpz_secondary" in memory.estimate(_recipe("zero3pp_bf16.json"), NUMS, 2, 8, d_sae=16384)
 
 
 def test_plan_exits_nonzero_when_the_recipe_does_not_fit(capsys):
     with pytest.raises(SystemExit) as e:
         plan.main(["recipes/gemma-2-2b.yaml", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem", "4"])
     assert e.value.code == plan.EXIT_DOES_NOT_FIT and "does NOT fit" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- numbers that cannot go stale
+
+
+def _markdown(capsys, argv: list[str]) -> tuple[str, str]:
+    """(README block, recipe header line) as `fpo-ds plan ... --markdown` prints them today."""
+    plan.main([*argv, "--markdown"])
+    out = capsys.readouterr().out.rstrip("\n")
+    block, header = out.rsplit("\n\nRecipe header: ", 1)
+    return block, header
+
+
+def test_the_readme_scaling_block_is_what_the_planner_prints(capsys, no_network):
+    readme = (ROOT / "README.md").read_text()
+    begin = "<!-- BEGIN fpo-ds plan "
+    argv = readme[readme.index(begin) + len(begin) :].split(" --markdown -->")[0].split()
+    block = readme.split(" --markdown -->\n", 1)[1].split("<!-- END fpo-ds plan -->")[0].strip("\n")
+    want, _ = _markdown(capsys, argv)
+    assert block == want, "README's scaling block is stale: paste `fpo-ds plan ... --markdown` (its first part)"
+
+
+@pytest.mark.parametrize("path", ["recipes/gemma-2-2b.yaml", "recipes/gemma-2-9b.yaml", "recipes/llama-3.1-8b.yaml"])
+def test_every_recipe_header_carries_todays_plan_line(capsys, no_network, path):
+    import re
+
+    text = (ROOT / path).read_text()
+    found = re.search(r"^# Plan \(fpo-ds plan (\S+)(?: --nodes (\d+))?\).*$", text, re.M)
+    assert found and found.group(1) == path, f"{path}: no '# Plan (fpo-ds plan {path} ...)' header line"
+    _, header = _markdown(capsys, [path, "--nodes", found.group(2) or "1"])
+    assert found.group(0) == header, f"{path}: stale plan line; replace it with\n{header}"

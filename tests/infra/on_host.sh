@@ -5,7 +5,8 @@
 set -euo pipefail
 n=$1; shift
 hosts=$(mktemp)
-printf '127.0.0.1 localhost\n10.77.0.1 node1\n10.77.0.2 node2\n' > "$hosts"
-exec nsenter --net=/run/netns/fpo-node"$n" -- unshare --uts --mount --propagation private \
+net=${FPO_TEST_SUBNET:-10.77.0}  # as tests/infra/netns_up.sh
+printf '127.0.0.1 localhost\n%s.1 node1\n%s.2 node2\n' "$net" "$net" > "$hosts"
+exec nsenter --net=/run/netns/"${FPO_TEST_NETNS:-fpo-node}$n" -- unshare --uts --mount --propagation private \
   bash -c 'hostname "node$0"; mount --bind "$1" /etc/hosts; mount -t tmpfs tmpfs /dev/shm; shift; exec "$@"' \
   "$n" "$hosts" "$@"

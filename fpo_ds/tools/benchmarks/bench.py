@@ -170,14 +170,20 @@ def _summary(path: Path, warmup: int) -> dict:
     return out
 
 
-FLOPS_PER_PARAM_TOKEN = {  # policy forward + backward = 6N per token; a live reference adds its forward, 2N
-    "sft": 6,
-    "simpo": 6,
-    "dpo_live": 8,
-    "dpo_cache": 6,
-    "tdpo2": 8,
-    "fpo": 6,
-}
+LIVE_REFERENCE = ("dpo_live", "tdpo2")  # methods whose step runs a frozen reference's forward too
+
+
+def flops_per_token(shape, method: str, seq: int, checkpointing: bool) -> float:
+    """Model FLOPs per token in the planner's one convention (fpo_ds/tools/planner/compute.py).
+
+    6N + attention + the recompute under checkpointing, plus a live reference's forward; attention is
+    counted at the run's max_length (--seq), an upper bound for shorter pairs.
+    """
+    from fpo_ds.tools.planner import compute
+
+    flops = compute.train_flops_per_token(shape, seq, checkpointing)
+    live = compute.train_flops_per_token(shape, seq, False, forward_only=True) if method in LIVE_REFERENCE else 0
+    return flops + live
 
 
 def _spread(values: list[float]) -> str:
@@ -264,9 +270,14 @@ def run(args) -> dict:
             m: [rep["peak_mem_mib"] - baseline[("this", m)]["peak_mem_mib"] for rep in reps]
             for m, reps in per_repeat.items()
         }
+    if args.peak_tflops:
+        from fpo_ds.tools.planner import compute, shapes
+
+        result["flops_convention"] = compute.CONVENTION
+        shape = shapes.model_shape(str(world / "model"))
     for m, reps in per_repeat.items():
         for rep in reps if args.peak_tflops else []:  # model FLOPs utilisation over all GPUs of the run
-            flops = rep["tokens_per_s"] * FLOPS_PER_PARAM_TOKEN[m] * result["params"]
+            flops = rep["tokens_per_s"] * flops_per_token(shape, m, args.seq, args.checkpointing)
             rep["mfu"] = flops / (args.peak_tflops * 1e12 * args.nproc)
         result["methods"][m] = {k: [rep[k] for rep in reps] for k in reps[0]}
         result["ratios_to_simpo"][m] = {

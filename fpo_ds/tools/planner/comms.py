@@ -1,4 +1,4 @@
-"""Communication and time model of one optimizer step, for `fpo-ds plan --nodes N --gpus-per-node G`.
+"""What every collective of one optimizer step moves, per rank: the bytes `fpo-ds plan` times.
 
 Every byte count is what ONE rank RECEIVES in one optimizer step (A micro-batches), the convention
 of the sharded encoder's own counter. A ring collective over g ranks that leaves every rank with
@@ -34,59 +34,31 @@ partitioned_param_coordinator}.py and runtime/comm/coalesced_collectives.py):
          fp32 scales; other gradients take the reduce-scatter.
   sae_gather_alltoall  the sharded SAE encoder's group (sae_bytes_per_call), forward and backward.
   cache_read  host bytes of the offline reference read per step (copied host -> device).
+  ZeRO-2 (stage_1_and_2.py, use_multi_rank_bucket_allreduce, its default): every micro-batch's
+      backward all-reduces every gradient, in buckets of reduce_bucket_size elements (zero_allreduce:
+      2 (W-1)/W x M received per rank in a ring); after the optimizer step each rank's updated
+      partition is all-gathered (zero_allgather_step). Parameters stay whole: no fetches.
+  step_syncs  the small all-reduces every optimizer step pays in latency: the trainer's metrics,
+      DeepSpeed's gradient norm and its overflow check, and the trainer's one non-finite / stop
+      check per optimizer step.
 
-Time: each collective on its links. A ring over g ranks with r of them per node spends
-(g-1)/g x M / busbw on the in-node links and, when it spans nodes, (g-1)/g x M / r on each rank's
-network link (NCCL runs one ring per NIC, so the node's r NICs carry the ring in parallel); the
-slower of the two sets the time. An all-to-all sends each off-node piece over the rank's own NIC.
-Latency per call follows NCCL's ring tuning model (src/graph/tuning.cc): base + in-node steps x
-NVLink hop + cross-node steps x network hop, for the Simple, LL128 and LL protocols, the fastest.
-Overlap: ZeRO-3 prefetches parameters on a side stream, so gathers hide under compute except the
-first fetch of each pass; the reduce-scatter shares the backward's links and only its last bucket
-trails the backward; the SAE collectives sit on the critical path (the loss needs them) and the
-persistent gather and optimizer step follow the backward.
+What these bytes cost in time is fpo_ds/tools/planner/links.py; the step time is timing.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-from pathlib import Path
 from typing import NamedTuple
 
 from fpo_ds.ds_config import path as ds_path
 from fpo_ds.tools.planner import zero3_trace
+from fpo_ds.tools.planner.links import Link, Topology, Traffic, link_bytes
 
-GB = 1e9
-PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 (no sparsity), the bench's --peak-tflops
-INTRA_GBPS = 360.0  # NVLink 4: 450 GB/s per direction per GPU; NCCL reaches ~80% of it as bus bandwidth
-INTER_GBPS = 40.0  # InfiniBand NDR 400 Gb/s = 50 GB/s per GPU's NIC; ~80% usable as bus bandwidth
-HBM_GBPS = 3350.0  # H100 SXM HBM3: the optimizer step streams the rank's partition through it
-PCIE_GBPS = 25.0  # host -> device copy of the cache rows (PCIe Gen5 x16 is 64 GB/s raw; pageable memory)
-# NCCL's ring tuning model (src/graph/tuning.cc, Ring row of its tables), per protocol: latency in
-# microseconds (base, per NVLink step, per network step) and the share of the bus bandwidth it
-# reaches. NCCL picks, per call, the protocol with the least latency + bytes / bandwidth.
-PROTOCOLS = {"simple": (8.4, 3.4, 9.6, 1.0), "ll128": (10.0, 1.9, 4.0, 0.92), "ll": (3.6, 0.47, 2.7, 0.25)}
 QUANT_GROUP = 8000  # DeepSpeed's CUDAQuantizer.target_group_size: elements per fp32 scale (qwZ)
-ADAM_BYTES = 30  # per partitioned parameter: read fp32 master, m, v, grad (16) + write them (12) + the 16-bit copy (2)
-ASSUMED_MFU = 0.35  # compute-only MFU for 2B-9B models at ~1k-token sequences, activation checkpointing
 RESPONSE_TOKENS = 400  # per sequence, UltraFeedback-like (the issue's worked example)
 PROMPT_TOKENS = 200  # per sequence, UltraFeedback-like; capped by data.max_prompt_length
-BENCH_RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results"
-
-
-class Topology(NamedTuple):
-    """Nodes x GPUs per node and the bus bandwidths (GB/s per GPU) of their links."""
-
-    nodes: int
-    gpus: int
-    intra_gbps: float = INTRA_GBPS
-    inter_gbps: float = INTER_GBPS
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus
+SYNC_BYTES = 64  # a per-step scalar all-reduce (a few fp32 values)
 
 
 class Workload(NamedTuple):
@@ -106,6 +78,7 @@ class ZeroSettings(NamedTuple):
     """The knobs of a DeepSpeed JSON that change what ZeRO-3 moves (DeepSpeed's defaults otherwise)."""
 
     item: int  # bytes per parameter / gradient element: 2 (bf16, fp16) or 4 (fp32)
+    stage: int = 3
     hpz: int = 1
     qwz: bool = False
     qgz: bool = False
@@ -123,47 +96,25 @@ class ZeroSettings(NamedTuple):
         return self._replace(hpz=gpus if on else 1, qwz=on, qgz=on)
 
 
-class Link(NamedTuple):
-    """A group of consecutive ranks and how it sits on the nodes (blocks of `per_node` ranks)."""
-
-    group: int
-    per_node: int
-
-    @property
-    def nodes(self) -> int:
-        return -(-self.group // self.per_node)
-
-
-class Traffic(NamedTuple):
-    """One collective class in one micro-batch (or once per step): bytes one rank receives, calls, link."""
-
-    name: str
-    received: float
-    calls: float
-    link: Link
-    kind: str  # "ring" (all-gather / reduce-scatter), "all_to_all" or "host"
-    phase: str  # "fwd" / "bwd": overlaps that pass's compute; "sae", "step": on the critical path
-    micro: int  # the micro-batch it belongs to; -1: once per step
-
-
 # ----------------------------------------------------------------------------- settings and workload
 
 
 def zero_settings(ds_config: str) -> ZeroSettings:
-    """The ZeRO knobs of the recipe's DeepSpeed JSON; the planner models ZeRO-3 only."""
+    """The ZeRO knobs of the recipe's DeepSpeed JSON; the planner models ZeRO stages 2 and 3."""
     path = ds_path(ds_config)
     cfg = json.loads(path.read_text())
     zero = cfg.get("zero_optimization", {})
-    if zero.get("stage") != 3:
+    if zero.get("stage") not in (2, 3):
         raise ValueError(
-            f"deepspeed.config: {path} is ZeRO stage {zero.get('stage')}; fpo-ds plan models ZeRO-3 runs "
-            "(pick ds_configs/zero3_*.json)"
+            f"deepspeed.config: {path} is ZeRO stage {zero.get('stage')}; fpo-ds plan models ZeRO-2 and ZeRO-3 "
+            "runs (pick ds_configs/zero3_*.json or zero2_*.json)"
         )
     on_host = lambda key: zero.get(key, {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
     half = cfg.get("bf16", {}).get("enabled") or cfg.get("fp16", {}).get("enabled")
     d = ZeroSettings(item=2)  # DeepSpeed's defaults for the keys the JSON leaves out
     return ZeroSettings(
         item=2 if half else 4,
+        stage=zero["stage"],
         hpz=zero.get("zero_hpz_partition_size", d.hpz),
         qwz=zero.get("zero_quantized_weights", d.qwz),
         qgz=zero.get("zero_quantized_gradients", d.qgz),
@@ -178,26 +129,35 @@ def zero_settings(ds_config: str) -> ZeroSettings:
     )
 
 
-def workload(recipe, topo: Topology, prompt_tokens: int, response_tokens: int) -> tuple[Workload, str]:
-    """Micro-batch, accumulation and tokens per sequence at this world, with a note on the batch.
+def workload(
+    recipe, topo: Topology, prompt_tokens: int, response_tokens: int, global_batch: int | None = None
+) -> tuple[Workload, str]:
+    """Micro-batch, accumulation and tokens per sequence at this world, and a note when the batch changed.
 
-    The recipe's global batch is kept when it divides over the world; otherwise the accumulation
-    it gives on one node is kept (weak scaling: the global batch grows with the world).
+    The global batch is the recipe's (or `global_batch`). When it does not divide over micro x world,
+    the step is planned at the smallest global batch that does, and the note says so plainly: that
+    changes the optimisation (see data_parallel_limit for how far the recipe's own batch goes).
     """
     t, d = recipe.train, recipe.data
     prompt = min(prompt_tokens, d.max_prompt_length)
     response = max(1, min(response_tokens, d.max_length - prompt))
+    want = global_batch or t.global_batch_size
     per_step = t.micro_batch_size * topo.world
-    if t.global_batch_size % per_step == 0:
-        acc, note = t.global_batch_size // per_step, ""
-    else:
-        acc = max(1, t.global_batch_size // (t.micro_batch_size * topo.gpus))
+    acc = max(1, -(-want // per_step))
+    note = ""
+    if want != acc * per_step:
         note = (
-            f"train.global_batch_size={t.global_batch_size} does not divide over micro {t.micro_batch_size} x "
-            f"{topo.world} ranks; planned with the accumulation one node of {topo.gpus} gives ({acc}): global "
-            f"batch {t.micro_batch_size * topo.world * acc} (pass train.global_batch_size=... to run it)"
+            f"CHANGED the global batch: {want} pairs cannot be split over micro {t.micro_batch_size} x {topo.world} "
+            f"ranks (a multiple of {per_step} is needed); the step below is planned at global batch "
+            f"{acc * per_step} (accumulation {acc}), which changes the optimisation. With {want} the recipe can use "
+            f"at most {data_parallel_limit(want, t.micro_batch_size)} data-parallel ranks"
         )
     return Workload(t.micro_batch_size, acc, prompt + response, response), note
+
+
+def data_parallel_limit(global_batch: int, micro: int) -> int:
+    """The most data-parallel ranks a global batch allows: global batch / micro-batch (accumulation 1)."""
+    return max(1, global_batch // micro)
 
 
 def reference_kind(loss) -> str:
@@ -262,11 +222,11 @@ def sae_traffic(wl: Workload, group: int, topo: Topology, d_in: int, d_sae: int,
     out = []
     for m in range(wl.accumulation):
         out += [
-            Traffic("sae_token_gather", gather, 1, link, "ring", "sae", m),
+            Traffic("sae_token_gather", gather, 1, link, "all_gather", "sae", m),
             Traffic("sae_token_gather_grad", gather, 1, link, "all_to_all", "sae", m),
             Traffic("sae_feature_all_to_all", 2 * a2a, 2, link, "all_to_all", "sae", m),
         ]
-        out += [Traffic("sae_topk_gather", topk_bytes, 1, link, "ring", "sae", m)] if topk else []
+        out += [Traffic("sae_topk_gather", topk_bytes, 1, link, "all_gather", "sae", m)] if topk else []
     return out
 
 
@@ -305,6 +265,8 @@ def zero_traffic(shape, z: ZeroSettings, topo: Topology, wl: Workload, checkpoin
     forward only) adds its own. hpZ's first-gather rule needs the step's order: the set `fresh`
     holds the parameters not gathered since the optimizer step.
     """
+    if z.stage == 2:
+        return zero2_traffic(shape, z, topo, wl)
     persist = zero3_trace.persistent(shape.numels, z.persistence, z.model_persistence)
     if topo.world == 1:  # nothing is partitioned: no gathers; the reduce-scatter still runs (and is logged)
         return [], Logged(reduce_scatter=wl.accumulation * z.item * sum(shape.numels))
@@ -326,7 +288,15 @@ def zero_traffic(shape, z: ZeroSettings, topo: Topology, wl: Workload, checkpoin
         elems = sum(-(-shape.numels[p] // topo.world) for p in kept)
         link = Link(topo.world, min(topo.world, topo.gpus))
         out.append(
-            Traffic("zero_allgather_persistent", (topo.world - 1) * elems * z.item, len(kept), link, "ring", "step", -1)
+            Traffic(
+                "zero_allgather_persistent",
+                (topo.world - 1) * elems * z.item,
+                len(kept),
+                link,
+                "all_gather",
+                "step",
+                -1,
+            )
         )
         logged += elems * z.item
     grads, glog = reduce_traffic(shape, z, topo, wl)
@@ -352,7 +322,7 @@ def gather_call(out: list, name: str, phase: str, micro: int, ps, fresh: set, nu
             scales = 4 * -(-elems // QUANT_GROUP) if z.qwz else 0
             link = Link(group, min(group, topo.gpus))
             out.append(
-                Traffic(name, (group - 1) * (elems * item + scales), 1 + bool(scales), link, "ring", phase, micro)
+                Traffic(name, (group - 1) * (elems * item + scales), 1 + bool(scales), link, "all_gather", phase, micro)
             )
             logged += elems * item + scales
     return logged
@@ -379,7 +349,15 @@ def reduce_traffic(shape, z: ZeroSettings, topo: Topology, wl: Workload) -> tupl
     out = []
     for m in range(a):
         out.append(
-            Traffic("zero_reduce_scatter", (W - 1) / W * padded * z.item, calls, Link(W, min(W, g)), "ring", "bwd", m)
+            Traffic(
+                "zero_reduce_scatter",
+                (W - 1) / W * padded * z.item,
+                calls,
+                Link(W, min(W, g)),
+                "reduce_scatter",
+                "bwd",
+                m,
+            )
         )
         if sizes:
             out.append(
@@ -389,6 +367,43 @@ def reduce_traffic(shape, z: ZeroSettings, topo: Topology, wl: Workload) -> tupl
                 Traffic("zero_reduce_scatter", (n - 1) / n * inter, 2 * len(sizes), Link(n, 1), "all_to_all", "bwd", m)
             )
     return out, Logged(reduce_scatter=a * padded * z.item, all_to_all=a * (intra + inter))
+
+
+def zero2_traffic(shape, z: ZeroSettings, topo: Topology, wl: Workload) -> tuple[list[Traffic], Logged]:
+    """ZeRO-2's collectives of one step: gradient all-reduces per micro-batch, one all-gather per step.
+
+    Each micro-batch all-reduces every gradient in reduce_bucket_size buckets; the step ends with an
+    all-gather of every rank's updated partition (padded to a multiple of W elements). The comms
+    logger records all_reduce under its own name (Logged keeps the all-gather only).
+    """
+    W, a = topo.world, wl.accumulation
+    if W == 1:
+        return [], Logged()
+    total = sum(shape.numels)
+    calls = _buckets(list(reversed(shape.numels)), z.reduce_bucket)
+    link = Link(W, min(W, topo.gpus))
+    out = [
+        Traffic("zero_allreduce", 2 * (W - 1) / W * total * z.item, calls, link, "all_reduce", "bwd", m)
+        for m in range(a)
+    ]
+    part = -(-total // W)
+    out.append(Traffic("zero_allgather_step", (W - 1) * part * z.item, 1, link, "all_gather", "step", -1))
+    return out, Logged(allgather=part * z.item)
+
+
+def step_syncs(topo: Topology, stage: int) -> list[Traffic]:
+    """The small all-reduces of every optimizer step, each paid in latency (SYNC_BYTES of payload).
+
+    The trainer's metrics (fpo_ds/metrics.py, one all-reduce) and its non-finite / stop check (one per
+    optimizer step); DeepSpeed's gradient norm and its overflow check (one all-reduce each, ZeRO-2
+    and ZeRO-3 alike).
+    """
+    if topo.world == 1:
+        return []
+    link = Link(topo.world, min(topo.world, topo.gpus))
+    got = 2 * (topo.world - 1) / topo.world * SYNC_BYTES
+    names = ("metrics_all_reduce", "stop_check", "grad_norm_all_reduce", "overflow_check")
+    return [Traffic(n, got, 1, link, "all_reduce", "step", -1) for n in names]
 
 
 def _buckets(numels: list[int], size: int) -> int:
@@ -436,6 +451,7 @@ def plan_step(
     tokens: tuple[int, int] = (PROMPT_TOKENS, RESPONSE_TOKENS),
     sae_k: int = 0,
     wl: Workload | None = None,
+    global_batch: int | None = None,
 ) -> StepPlan:
     """All collectives of one optimizer step for the recipe on this topology.
 
@@ -446,30 +462,15 @@ def plan_step(
     z = zero or zero_settings(recipe.deepspeed.config)
     note = ""
     if wl is None:
-        wl, note = workload(recipe, topo, *tokens)
+        wl, note = workload(recipe, topo, *tokens, global_batch)
     group = shard_group_size(recipe.sae.shard_group if shard_group is None else shard_group, topo)
     ckpt = recipe.model.gradient_checkpointing
     traffic, logged = zero_traffic(shape, z, topo, wl, ckpt, reference_kind(recipe.loss))
     if recipe.loss.method == "fpo" and d_sae:
         traffic += sae_traffic(wl, group, topo, shape.hidden, d_sae, z.item, sae_k)
     traffic += cache_traffic(wl, recipe, recipe.cache.k_cache or 4 * recipe.sae.k)
+    traffic += step_syncs(topo, z.stage)
     return StepPlan(wl, note, group, z, traffic, logged)
-
-
-def link_bytes(t: Traffic) -> tuple[float, float]:
-    """(bytes over the rank's in-node links, bytes over its network link) of a traffic record.
-
-    A ring's bytes all pass the in-node links when the group has more than one rank per node;
-    across nodes NCCL runs one ring per NIC, so each rank's NIC carries 1/r of them (r ranks of
-    the group per node). An all-to-all sends each peer's piece once: off-node pieces use the NIC.
-    """
-    link = t.link
-    if t.kind == "host" or link.group <= 1:
-        return 0.0, 0.0
-    if t.kind == "ring":
-        return (t.received if link.per_node > 1 else 0.0), (t.received / link.per_node if link.nodes > 1 else 0.0)
-    piece = t.received / (link.group - 1)
-    return piece * (link.per_node - 1), piece * (link.group - link.per_node)
 
 
 def collective_bytes(recipe, shape, topo: Topology, d_sae: int | None = None, **kw) -> dict[str, float]:
@@ -505,162 +506,3 @@ def collective_bytes(recipe, shape, topo: Topology, d_sae: int | None = None, **
         logged_all_to_all_bytes=step.logged.all_to_all,
     )
     return out
-
-
-# ----------------------------------------------------------------------------- time
-
-
-def seconds(t: Traffic, topo: Topology) -> float:
-    """Time of a traffic record: per call, the faster NCCL protocol's latency + the slower link's bytes."""
-    if t.kind == "host":
-        return t.received / (PCIE_GBPS * GB)
-    if t.link.group <= 1 or t.calls == 0:
-        return 0.0
-    nvlink, nic = (b / t.calls for b in link_bytes(t))
-    nodes = t.link.nodes
-    best = math.inf
-    for base, nvl_hop, net_hop, share in PROTOCOLS.values():
-        if t.kind == "ring":  # g-1 steps round the ring, nodes-1 of them cross to another node
-            lat = base + (t.link.group - nodes) * nvl_hop + (nodes - 1) * net_hop
-        else:  # all peers at once: one hop of the slowest link
-            lat = base + (net_hop if nodes > 1 else nvl_hop)
-        wire = max(nvlink / (topo.intra_gbps * GB * share), nic / (topo.inter_gbps * GB * share))
-        best = min(best, lat * 1e-6 + wire)
-    return t.calls * best
-
-
-def flops_per_token(shape, seq: int, forward_only: bool = False) -> float:
-    """Model FLOPs per token, the MFU convention (PaLM, Chowdhery et al. 2022, app. B).
-
-    Forward: 2 FLOPs per matmul weight (N, the untied input embedding excluded: it is a lookup)
-    plus attention's QK^T and AV, 2 x 2 x T x H x Q per layer (the full T x T square, as the
-    convention counts it). Backward is twice the forward: 6 N + 12 L H Q T per token.
-    """
-    fwd = 2 * shape.matmul_params + 4 * shape.layers * shape.heads * shape.head_dim * seq
-    return fwd if forward_only else 3 * fwd
-
-
-def compute_seconds(recipe, shape, wl: Workload, d_sae: int | None, mfu: float, peak: float) -> tuple[float, float]:
-    """(seconds of compute per micro-batch at this MFU, model FLOPs per micro-batch for the MFU figure).
-
-    Policy forward + backward, a live reference's forward, and the SAE encode: each rank encodes
-    the group's G x n_max tokens against its d_sae/G features, forward and backward (2 + 2 FLOPs
-    per token and weight): 4 x n_max x d_in x d_sae, whatever G.
-    """
-    tokens = wl.rows * wl.seq_tokens
-    model = flops_per_token(shape, wl.seq_tokens) * tokens
-    if reference_kind(recipe.loss) == "live":
-        model += flops_per_token(shape, wl.seq_tokens, forward_only=True) * tokens
-    sae = 4 * wl.rows * wl.response_tokens * shape.hidden * d_sae if recipe.loss.method == "fpo" and d_sae else 0
-    return (model + sae) / (peak * 1e12 * mfu), model
-
-
-def step_time(recipe, shape, topo: Topology, step: StepPlan, d_sae: int | None, mfu: float, peak: float) -> dict:
-    """Seconds per optimizer step and what they go to, tokens/s and MFU.
-
-    Per micro-batch, compute splits forward : backward as 2 : 4 (+2 for the checkpointing
-    recompute). Parameter gathers are prefetched under compute: the pass waits for its first
-    call, and for whatever its gathers (in backward with the reduce-scatter, which shares the
-    links) take beyond its compute; the last reduce-scatter bucket trails the backward. The SAE
-    collectives wait in full. Per step: the persistent gather, the optimizer step (Adam streams
-    ADAM_BYTES per partitioned parameter through HBM; not modelled under optimizer offload) and
-    the cache read.
-    """
-    wl, a = step.workload, step.workload.accumulation
-    compute, model_flops = compute_seconds(recipe, shape, wl, d_sae, mfu, peak)
-    fwd = compute * 2 / (6 + 2 * recipe.model.gradient_checkpointing)
-    zero = sae = 0.0
-    for m in range(a):
-        by = _phases([t for t in step.traffic if t.micro == m], topo)
-        zero += by["fwd"][1] + max(0.0, by["fwd"][0] - by["fwd"][1] - fwd)
-        zero += by["bwd"][1] + max(0.0, by["bwd"][0] - by["bwd"][1] + by["rs"][0] - (compute - fwd)) + by["rs"][1]
-        sae += by["sae"][0]
-    once = sum(seconds(t, topo) for t in step.traffic if t.micro < 0 and t.kind != "host")
-    cache = sum(seconds(t, topo) for t in step.traffic if t.kind == "host")
-    optimizer = 0.0 if step.zero.offload_optimizer else ADAM_BYTES * shape.params / topo.world / (HBM_GBPS * GB)
-    total = a * compute + zero + sae + once + cache + optimizer
-    tokens = a * wl.rows * wl.seq_tokens
-    return {
-        "compute_s": a * compute,
-        "zero_exposed_s": zero + once,
-        "sae_s": sae,
-        "cache_s": cache,
-        "optimizer_s": optimizer,
-        "step_s": total,
-        "tokens_per_s": tokens * topo.world / total,
-        "tokens_per_s_per_gpu": tokens / total,
-        "mfu": a * model_flops / (total * peak * 1e12),
-    }
-
-
-def _phases(traffic: list[Traffic], topo: Topology) -> dict[str, tuple[float, float]]:
-    """One micro-batch's seconds by phase: (all of it, the first call); "rs": (all of it, its last bucket)."""
-    out = {k: [0.0, 0.0] for k in ("fwd", "bwd", "sae", "rs")}
-    for t in traffic:
-        s = seconds(t, topo)
-        key = "rs" if t.name == "zero_reduce_scatter" else t.phase
-        out[key][0] += s
-        out[key][1] = max(out[key][1], s / max(t.calls, 1))
-    return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-# ----------------------------------------------------------------------------- MFU and weak scaling
-
-
-def bench_mfu() -> list[dict]:
-    """FPO's measured MFU in bench/results/*.json (a source checkout's GPU bench runs)."""
-    runs = []
-    for f in sorted(BENCH_RESULTS.glob("*.json")) if BENCH_RESULTS.is_dir() else []:
-        res = json.loads(f.read_text())
-        fpo = res.get("methods", {}).get("fpo", {})
-        if fpo.get("mfu"):
-            micro = res.get("config", {}).get("micro")
-            runs.append(
-                {"file": f.name, "mfu": statistics.median(fpo["mfu"]), "params": res.get("params"), "micro": micro}
-            )
-    return runs
-
-
-def default_mfu(params: int) -> tuple[float, str]:
-    """The MFU to assume, and why: a bench run of a model within 4x this size, else ASSUMED_MFU.
-
-    The shipped bench runs are a 152M-parameter model (hidden 1024, 16 layers) on <= 64-token toy
-    sequences on one H200: kernels too small to fill the GPU, so launches and ZeRO-3's per-module
-    hooks set the step time (MFU 0.005-0.023, rising with the micro-batch: 32 -> 128 pairs raised
-    tokens 4x for +10% step time). That says nothing of a 2-9B model on ~1k-token sequences, where
-    dense training with ZeRO-3 and activation checkpointing reaches an MFU of ~0.3-0.45 on H100
-    (6N convention: the recompute's 2N is not counted); ASSUMED_MFU takes the low middle.
-    """
-    runs = bench_mfu()
-    close = [r for r in runs if r.get("params") and 0.25 <= params / r["params"] <= 4]
-    if close:
-        mfu = statistics.median(r["mfu"] for r in close)
-        return mfu, f"calibrated: FPO's median MFU in bench/results ({', '.join(r['file'] for r in close)})"
-    seen = ", ".join(f"{r['mfu']:.3f} (micro {r.get('micro')})" for r in runs)
-    why = f"; the bench/results toy runs (152M params, <= 64 tokens) measured {seen}: launch-bound" if runs else ""
-    return ASSUMED_MFU, f"assumed for compute alone{why}; set --mfu"
-
-
-WEAK_NODES = (1, 2, 8, 16, 64)
-
-
-def weak_scaling(recipe, shape, topo: Topology, d_sae, wl: Workload, mfu: float, peak: float, **kw) -> list[dict]:
-    """Step time and MFU on 1-64 nodes at fixed micro-batch and accumulation: weak scaling.
-
-    The global batch grows with the world. Each node count runs the recipe's ZeRO settings without
-    and with ZeRO++ (hpZ over the node, qwZ, qgZ), for each SAE shard group.
-    """
-    base = zero_settings(recipe.deepspeed.config)
-    rows = []
-    for nodes in WEAK_NODES:
-        t = topo._replace(nodes=nodes)
-        for zpp in (False, True):
-            for group in ("node", "world", "none"):
-                step = plan_step(recipe, shape, t, d_sae, group, base.zeropp(topo.gpus, zpp), wl=wl, **kw)
-                sae = sum(x.received for x in step.traffic if x.name.startswith("sae_"))
-                nic = sum(link_bytes(x)[1] for x in step.traffic)
-                timed = step_time(recipe, shape, t, step, d_sae, mfu, peak)
-                rows.append(
-                    {"nodes": nodes, "zeropp": zpp, "group": group, "sae_bytes": sae, "nic_bytes": nic, **timed}
-                )
-    return rows

@@ -1,140 +1,65 @@
 """`fpo-ds plan RECIPE --nodes N --gpus-per-node G`: will this recipe fit, and how fast will it run?
 
 Works offline: the model is built on the meta device from its config (a local directory's
-config.json, or the shapes shipped in fpo_ds/tools/planner/shapes.py for the recipes' hub models), the SAE
-width comes from sae-lens's registry (or `sae.path`/cfg.json, or --d-sae).
+config.json, or the shapes shipped in fpo_ds/tools/planner/shapes.py for the recipes' hub models),
+the SAE width comes from sae-lens's registry (or `sae.path`/cfg.json, or --d-sae).
 
-Per-GPU memory, itemised:
-  model states   DeepSpeed's own ZeRO-3 estimator (fp32 master + Adam + 16-bit params/grads,
-                 partitioned over all GPUs, plus the largest layer gathered)
-  zero buffers   fp32 gradient partition + 16-bit reduce buffers (calibrated, see estimate())
-  reference      live reference (DPO/IPO live, TDPO): its 16-bit params / world + largest layer
-  hpz secondary  ZeRO++ hpZ: a second 16-bit copy of the parameters split over the node only
-  activations    per decoder layer and token: ACT_BYTES_PER_H * hidden bytes without activation
-                 checkpointing (attention scores not kept: sdpa/flash); with checkpointing, each
-                 layer keeps its input (2 * hidden bytes) plus one layer's full activations
-  logits         one LM-head chunk: min(LOGIT_CHUNK, tokens) positions x vocab x LOGIT_BYTES (the
-                 log-probs run on response positions only, a chunk at a time, recomputed in backward)
-  SAE shard      d_in * ceil(d_sae / G) fp32 encoder columns, G = the encoder's shard group (FPO)
-  SAE encode     the group's response tokens gathered in fp32 (G x tokens x (d_in + 1)), the bits
-                 of which features fired (G x tokens x width / 8) and one chunk's pre-activations
-                 (CHUNK_TOKENS x width fp32 and its mask) (FPO)
-and on the host: the rank's cache part (bytes/pair x pairs / world), and the model states that
-offload_optimizer / offload_param in the recipe's DeepSpeed JSON move there. bench/calibrate_plan.py
-compares the estimate with the CUDA peaks a bench/gpu.sh run measured.
-
-Then the bytes of every collective per step and rank, the step time they and the compute give,
-and a weak-scaling table over 1-64 nodes (fpo_ds/tools/planner/comms.py holds the model and its sources).
+Prints: per-GPU memory (memory.py); the batch — the recipe's global batch is kept, the most
+data-parallel ranks it allows is printed, and any change is said plainly; the bytes of every
+collective per step and rank (comms.py) and their time (links.py); the step time (timing.py) at
+a stated MFU range or a pinned MFU (compute.py); a strong-scaling table (fixed global batch, 1
+node up to the data-parallel limit, with time per epoch) and a weak-scaling table (each row's
+global batch written in it); advice with numbers. `--tune` ranks systems settings (tune.py);
+`--markdown` prints the README's scaling section and the recipe header's plan line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 from fpo_ds import config as C
-from fpo_ds.tools.planner import comms
-from fpo_ds.zero_auto import ACT_BYTES_PER_H
+from fpo_ds.tools.planner import comms, compute, links, memory, timing, tune
 
-# Per logit of one LM-head chunk at backward's peak: the 16-bit matmul output (tanh'd in place under
-# softcapping), the fp32 softmax turned into the gradient, Gemma-2's fp32 softcap slope, and the
-# gradient cast back to 16 bits for the two matmuls.
-LOGIT_BYTES = 2 + 4 + 4 + 2
-GIB = 2**30
+GIB = memory.GIB
 EXIT_DOES_NOT_FIT = 3
-GB = 1e9
 
 
-def estimate(
-    recipe: C.Recipe, nums: dict, nodes: int, gpus: int, d_sae: int | None = None, shard_group: str | int = "node"
-) -> dict:
-    """Bytes per GPU for each item, plus host bytes for the cache part."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-    from fpo_ds.losses import LOGIT_CHUNK  # here, not at the top: `fpo-ds plan --help` stays fast (no torch)
-
-    world = nodes * gpus
-    zero = comms.zero_settings(recipe.deepspeed.config)
-    host_states, states, _ = estimate_zero3_model_states_mem_needs(
-        nums["params"],
-        nums["largest_layer"],
-        gpus,
-        nodes,
-        cpu_offload=zero.offload_optimizer,
-        cpu_offload_params=zero.offload_param,
-    )
-    seqs, length, h, layers = 2 * recipe.train.micro_batch_size, recipe.data.max_length, nums["hidden"], nums["layers"]
-    tokens = seqs * length
-    if recipe.model.gradient_checkpointing:
-        acts = tokens * h * (2 * layers + ACT_BYTES_PER_H)
-    else:
-        acts = tokens * h * ACT_BYTES_PER_H * layers
-    # What DeepSpeed's estimator leaves out: the fp32 gradient partition and the 16-bit reduce /
-    # contiguous-gradient buffers (bounded by reduce_bucket_size, 5e8 by default). Calibrated on one
-    # measured H200 run (bench/calibrate_plan.py): SFT/SimPO/DPO/TDPO all sat ~10 bytes/param above.
-    grad_partition = 0 if zero.offload_optimizer else 4 * nums["params"] // world  # offload keeps it on the host
-    buffers = grad_partition + 6 * min(nums["params"], 500_000_000)
-    out = {
-        "model_states": states,
-        "zero_buffers": buffers,
-        "activations": acts,
-        "logits": min(LOGIT_CHUNK, tokens) * nums["vocab"] * LOGIT_BYTES,
-    }
-    method, live = recipe.loss.method, recipe.loss.reference == "live"
-    if method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live):
-        out["reference"] = 2 * nums["params"] // world + 2 * nums["largest_layer"]
-        if method in ("tdpo1", "tdpo2"):
-            # the KL's chunk: the reference's 16-bit and fp32 logits and the KL's two fp32 temporaries
-            out["reference"] += min(LOGIT_CHUNK, tokens) * nums["vocab"] * (2 + 4 + 4 + 4)
-    if method == "fpo" and d_sae:
-        out.update(_sae_memory(d_sae, h, tokens, comms.shard_group_size(shard_group, comms.Topology(nodes, gpus))))
-        k_cache = recipe.cache.k_cache or 4 * recipe.sae.k
-        out["host_cache_per_1k_pairs"] = 1000 * (2 * k_cache * 8 + 32) // world  # fpo_ds/cache.py's row
-    if zero.hpz > 1:  # hpZ's secondary copy: every parameter split over the node only, 16-bit
-        out["hpz_secondary"] = zero.item * nums["params"] // min(zero.hpz, world)
-    if zero.offload_optimizer or zero.offload_param:
-        out["host_model_states_per_node"] = int(host_states)
-    return out
+# ----------------------------------------------------------------------------- formatting
 
 
-def _sae_memory(d_sae: int, d_in: int, tokens: int, group: int) -> dict:
-    """The encoder slice and its encode buffers on one rank of a shard group of `group` ranks."""
-    from fpo_ds.sae import ShardedEncoder
-
-    width = math.ceil(d_sae / group)
-    gathered = group * tokens  # upper bound: every position a response token
-    return {
-        "sae_shard": d_in * width * 4,
-        "sae_encode": gathered * (d_in + 1) * 4 + gathered * width // 8 + ShardedEncoder.CHUNK_TOKENS * width * 5,
-    }
+def size(b: float) -> str:
+    """Bytes in decimal units: 81.87 GB, 333.3 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.4g} {unit}"
+    return f"{b:.0f} B"
 
 
-def advice(items: dict, recipe: C.Recipe, gpu_bytes: float) -> list[str]:
-    """Whether the GPU items fit in 90% of the GPU, and what to change if not."""
-    total = sum(v for k, v in items.items() if not k.startswith("host"))
-    if total <= 0.9 * gpu_bytes:
-        return [f"fits: {total / GIB:.2f} GiB of {gpu_bytes / GIB:.0f} GiB ({100 * total / gpu_bytes:.1f}%)"]
-    tips = [f"does NOT fit: {total / GIB:.1f} GiB needed, {gpu_bytes / GIB:.0f} GiB per GPU (keep 10% headroom)"]
-    if not recipe.model.gradient_checkpointing:
-        tips.append("set model.gradient_checkpointing=true (activations shrink to ~2*hidden bytes per token per layer)")
-    if recipe.train.micro_batch_size > 1:
-        tips.append("lower train.micro_batch_size (activations and logits scale with it; accumulation grows)")
-    tips.append("use more GPUs (model states divide by the GPU count) or ds_configs/zero3_offload_bf16.json")
-    if "reference" in items:
-        tips.append("DPO/IPO: loss.reference=offline drops the live reference (build the cache first)")
-    return tips
+def secs(s: float) -> str:
+    return f"{s:.3f} s" if s >= 0.01 else f"{s:.2g} s"
 
 
-# ----------------------------------------------------------------------------- communication and time
+def span(values: list[float]) -> str:
+    """One time, or the range over the MFU bounds (fastest-slowest)."""
+    if len(values) == 1:
+        return secs(values[0])
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}-{hi:.3g} s"
 
 
-def comm_table(step: comms.StepPlan, topo: comms.Topology) -> list[str]:
+def duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+
+
+def comm_table(step: comms.StepPlan, topo: links.Topology) -> list[str]:
     """One line per collective class and link: calls, bytes received, over the in-node links / the NIC, seconds."""
     rows: dict[tuple, list[float]] = {}
     for t in step.traffic:
-        nvlink, nic = comms.link_bytes(t)
+        nvlink, nic = links.link_bytes(t)
         row = rows.setdefault((t.name, t.link, t.kind), [0.0] * 5)
-        for i, v in enumerate((t.calls, t.received, nvlink, nic, comms.seconds(t, topo))):
+        for i, v in enumerate((t.calls, t.received, nvlink, nic, links.seconds(t, topo))):
             row[i] += v
     head = (
         f"  {'collective':26s} {'group':>16s} {'calls':>7s} {'received':>10s} {'in-node':>10s} {'NIC':>10s} {'s':>8s}"
@@ -147,41 +72,38 @@ def comm_table(step: comms.StepPlan, topo: comms.Topology) -> list[str]:
     return lines
 
 
-def _secs(s: float) -> str:
-    return f"{s:.3f} s" if s >= 0.01 else f"{s:.2g} s"
-
-
-def size(b: float) -> str:
-    """Bytes in decimal units: 81.87 GB, 333.3 kB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if b >= scale:
-            return f"{b / scale:.4g} {unit}"
-    return f"{b:.0f} B"
-
-
-def time_line(timed: dict) -> str:
-    """Where one step's seconds go, tokens/s and MFU."""
+def time_line(timed: dict, mfu: compute.Mfu) -> str:
+    """Where one step's seconds go at one MFU, tokens/s."""
     return (
-        f"  compute {timed['compute_s']:.3f} s + ZeRO exposed {timed['zero_exposed_s']:.3f} s + SAE "
-        f"{timed['sae_s']:.3f} s + cache {timed['cache_s']:.3f} s + optimizer {timed['optimizer_s']:.3f} s = step "
-        f"{timed['step_s']:.3f} s; "
-        f"{timed['tokens_per_s']:,.0f} tokens/s ({timed['tokens_per_s_per_gpu']:,.0f} per GPU), MFU {timed['mfu']:.3f}"
+        f"  MFU {mfu.value:.2f}: compute {timed['compute_s']:.3f} s + ZeRO exposed {timed['zero_exposed_s']:.3f} s + "
+        f"SAE {timed['sae_s']:.3f} s + syncs {timed['sync_s']:.2g} s + cache {timed['cache_s']:.2g} s + optimizer "
+        f"{timed['optimizer_s']:.3f} s + quantisation {timed['quant_s']:.3f} s = step {timed['step_s']:.3f} s; "
+        f"{timed['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU with communication {timed['mfu']:.3f}"
     )
 
 
-def weak_table(rows: list[dict], gpus: int, wl: comms.Workload) -> list[str]:
-    """Markdown: step time / MFU per node count, ZeRO-3 and ZeRO++, each SAE shard group; then the bytes."""
+def strong_table(rows: list[dict], mfus: list[compute.Mfu], pairs: int | None, global_batch: int) -> list[str]:
+    """Markdown: fixed global batch, step time and time per epoch per node count."""
+    steps = math.ceil(pairs / global_batch) if pairs else None
+    head = "| nodes | GPUs | accumulation | step | " + ("epoch |" if steps else "")
+    out = [head, "|---" * (4 + bool(steps)) + "|"]
+    for r in rows:
+        epoch = f" {span([steps * s / 3600 for s in r['step_s']])[:-2]} h |" if steps else ""
+        out.append(f"| {r['nodes']} | {r['gpus']} | {r['accumulation']} | {span(r['step_s'])} |{epoch}")
+    return out
+
+
+def weak_table(rows_by_mfu: list[list[dict]], gpus: int) -> list[str]:
+    """Markdown: step time per node count, ZeRO-3 and ZeRO++, each SAE shard group; then the bytes."""
     combos = [(z, g) for z in (False, True) for g in ("node", "world", "none")]
     head = " | ".join(f"{'ZeRO++' if z else 'ZeRO-3'} {g}" for z, g in combos)
     out = [f"| nodes | GPUs | global batch | {head} |", "|---" * (3 + len(combos)) + "|"]
-    nic = [
-        "| nodes | ZeRO-3 NIC | ZeRO++ NIC | SAE (node) | SAE (world) | SAE (none) |",
-        "|---" * 6 + "|",
-    ]
-    for nodes in comms.WEAK_NODES:
-        at = {(r["zeropp"], r["group"]): r for r in rows if r["nodes"] == nodes}
-        cells = " | ".join(f"{_secs(at[c]['step_s'])} / {at[c]['mfu']:.2f}" for c in combos)
-        out.append(f"| {nodes} | {nodes * gpus} | {wl.micro * wl.accumulation * nodes * gpus} | {cells} |")
+    nic = ["| nodes | ZeRO-3 NIC | ZeRO++ NIC | SAE (node) | SAE (world) | SAE (none) |", "|---" * 6 + "|"]
+    for nodes in timing.WEAK_NODES:
+        ats = [{(r["zeropp"], r["group"]): r for r in rows if r["nodes"] == nodes} for rows in rows_by_mfu]
+        at = ats[0]
+        cells = " | ".join(span([a[c]["step_s"] for a in ats]) for c in combos)
+        out.append(f"| {nodes} | {nodes * gpus} | {at[(False, 'node')]['global_batch']} | {cells} |")
         gb = [at[(False, "node")]["nic_bytes"], at[(True, "node")]["nic_bytes"]]
         gb += [at[(False, g)]["sae_bytes"] for g in ("node", "world", "none")]
         nic.append(f"| {nodes} | " + " | ".join(size(b) for b in gb) + " |")
@@ -189,7 +111,10 @@ def weak_table(rows: list[dict], gpus: int, wl: comms.Workload) -> list[str]:
     return [*out, "", title, *nic]
 
 
-def comm_advice(timed: dict, step: comms.StepPlan, zeropp: dict, topo: comms.Topology) -> list[str]:
+# ----------------------------------------------------------------------------- advice
+
+
+def comm_advice(timed: dict, step: comms.StepPlan, zeropp: dict, topo: links.Topology) -> list[str]:
     """Where communication dominates: what to change, with the projected step time (`zeropp`: with ZeRO++)."""
     tips = []
     share = timed["zero_exposed_s"] / timed["step_s"]
@@ -197,13 +122,12 @@ def comm_advice(timed: dict, step: comms.StepPlan, zeropp: dict, topo: comms.Top
         tips.append(
             f"ZeRO-3 communication is {100 * share:.0f}% of the step: deepspeed.config=ds_configs/zero3pp_bf16.json "
             f"(ZeRO++: hpZ keeps all but each step's first parameter gather inside the node) -> step "
-            f"{zeropp['step_s']:.3g} s, MFU {zeropp['mfu']:.2f}"
+            f"{zeropp['step_s']:.3g} s"
         )
     if share > 0.2:
         tips.append(
             f"ZeRO-3 communication is {100 * share:.0f}% of the step, and it runs every micro-batch: a larger "
-            "train.micro_batch_size (memory permitting) moves the same bytes for more tokens; under hpZ, more "
-            "accumulation spreads the step's one cross-node gather"
+            "train.micro_batch_size (memory permitting) moves the same bytes for more tokens"
         )
     sae_share = timed["sae_s"] / timed["step_s"]
     if sae_share > 0.05 and step.group > topo.gpus:
@@ -212,6 +136,44 @@ def comm_advice(timed: dict, step: comms.StepPlan, zeropp: dict, topo: comms.Top
         tips.append(f"SAE traffic is {100 * sae_share:.0f}% of the step: sae.shard_group=none (whole encoder per rank)")
     if not tips:
         tips.append(f"compute-bound: communication adds {100 * (1 - timed['compute_s'] / timed['step_s']):.0f}%")
+    return tips
+
+
+def batch_advice(recipe, shape, topo, d_sae, mfu: compute.Mfu, peak: float, global_batch: int, kw: dict) -> list[str]:
+    """Where the world exceeds what the global batch allows: the options, each with its step time."""
+    micro = recipe.train.micro_batch_size
+    limit = comms.data_parallel_limit(global_batch, micro)
+    if topo.world <= limit and global_batch % (micro * topo.world) == 0:
+        return []
+
+    def at(r, t, g):
+        step = comms.plan_step(r, shape, t, d_sae, global_batch=g, **kw)
+        return timing.step_time(r, shape, t, step, d_sae, mfu.value, peak)["step_s"]
+
+    tips = []
+    if micro > 1 and global_batch % topo.world == 0:
+        import dataclasses
+
+        r1 = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, micro_batch_size=1))
+        tips.append(
+            f"smaller micro-batch: train.micro_batch_size=1 raises the limit to {global_batch} ranks; "
+            f"at {topo.world} ranks: step {at(r1, topo, global_batch):.3g} s (MFU {mfu.value:.2f})"
+        )
+    bigger = micro * topo.world
+    tips.append(
+        f"larger batch: train.global_batch_size={bigger} (micro {micro} x {topo.world} ranks, accumulation 1) -> "
+        f"step {at(recipe, topo, bigger):.3g} s for {bigger / global_batch:.0f}x the pairs; the paper's "
+        f"{global_batch} is part of its recipe: retune train.lr (and warm-up) and check the results match"
+    )
+    nodes = max(1, limit // topo.gpus)
+    while nodes > 1 and global_batch % (micro * nodes * topo.gpus):
+        nodes -= 1
+    fewer = topo._replace(nodes=nodes)
+    if global_batch % (micro * fewer.world) == 0:
+        tips.append(
+            f"fewer nodes: --nodes {nodes} ({fewer.world} ranks, the data-parallel limit at micro {micro}) keeps "
+            f"global batch {global_batch}: step {at(recipe, fewer, global_batch):.3g} s"
+        )
     return tips
 
 
@@ -228,13 +190,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--d-sae", type=int, help="SAE width (default: sae-lens registry, else sae.path's cfg.json)")
     p.add_argument("--sae-topk", type=int, help="k of a TopK SAE (default: sae.path's cfg.json; 0 otherwise)")
     p.add_argument("--shard-group", help="SAE encoder shard group: node, world, none or a rank count (default: recipe)")
+    p.add_argument("--calibrate", help="a bench result JSON (bench/results/*.json): pin the MFU to its FPO median")
+    p.add_argument("--tune", action="store_true", help="rank systems settings at the recipe's global batch")
+    p.add_argument("--markdown", action="store_true", help="print the README's scaling section and the plan line")
+    p.add_argument("--no-quantized", action="store_true", help="with --tune: the target cannot run qwZ/qgZ (no CUDA)")
     numbers = [  # flag, type, default, help
-        ("--intra-gbps", float, comms.INTRA_GBPS, "in-node bus bandwidth per GPU, GB/s (360: NVLink 4 moves 450 per "
+        ("--intra-gbps", float, links.INTRA_GBPS, "in-node bus bandwidth per GPU, GB/s (360: NVLink 4 moves 450 per "
          "direction, NCCL ~80%%)"),
-        ("--inter-gbps", float, comms.INTER_GBPS, "network bandwidth per GPU's NIC, GB/s (40: InfiniBand NDR 400 Gb/s "
-         "= 50, ~80%%)"),
-        ("--peak-tflops", float, comms.PEAK_TFLOPS, "dense peak per GPU (989: H100 SXM bf16)"),
-        ("--mfu", float, None, "compute-only MFU (default: bench/results if comparable, else assumed)"),
+        ("--inter-gbps", float, links.INTER_GBPS, "network bandwidth per GPU's NIC, GB/s (40: InfiniBand NDR 400 "
+         "Gb/s = 50, ~80%%)"),
+        ("--peak-tflops", float, compute.PEAK_TFLOPS, "dense peak per GPU (989: H100 SXM bf16)"),
+        ("--mfu", float, None, "pin the compute MFU (default: print the range MFU_RANGE with its sources)"),
+        ("--global-batch", int, None, "plan at this global batch (pairs per step) instead of the recipe's"),
+        ("--dataset-pairs", int, None, "training pairs per epoch (default: known for the recipes' data set)"),
         ("--prompt-tokens", int, comms.PROMPT_TOKENS, "prompt tokens per sequence (200, UltraFeedback-like)"),
         ("--response-tokens", int, comms.RESPONSE_TOKENS, "response tokens per sequence (400, UltraFeedback-like)"),
     ]  # fmt: skip
@@ -243,40 +211,103 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def mfus_of(args) -> tuple[list[compute.Mfu], str]:
+    """The MFU(s) to print times for, and a line saying which and why."""
+    if args.mfu:
+        m = compute.Mfu(args.mfu, "--mfu")
+        return [m], f"MFU {m.value:.2f} (pinned: --mfu)"
+    if args.calibrate:
+        m = compute.bench_mfu(args.calibrate)
+        return [m], f"MFU {m.value:.3f} (pinned: {m.source})"
+    low, high = compute.MFU_RANGE
+    text = (
+        f"MFU not calibrated at this model's size: times for MFU {low.value:.2f}-{high.value:.2f} (FLOPs: "
+        f"{compute.CONVENTION}; pin one with --mfu or --calibrate BENCH.json)\n    {low.source}\n    {high.source}"
+    )
+    return [low, high], text
+
+
+class Context:
+    """What every section of the output needs, resolved once from the arguments."""
+
+    def __init__(self, args):
+        from fpo_ds.tools.planner import shapes
+
+        recipe = C.load(args.recipe, args.overrides)
+        self.shape = shapes.model_shape(recipe.model.name_or_path)
+        self.topo = links.Topology(args.nodes, args.gpus_per_node, args.intra_gbps, args.inter_gbps)
+        self.recipe = _resolve_auto(recipe, self.shape, self.topo, args.gpu_mem)
+        self.group = args.shard_group or self.recipe.sae.shard_group
+        d_sae, self.sae_source = shapes.sae_width(self.recipe.sae, self.shape.hidden, args.d_sae)
+        self.d_sae = d_sae if self.recipe.loss.method == "fpo" else None
+        topk = args.sae_topk if args.sae_topk is not None else shapes.sae_topk(self.recipe.sae)
+        self.kw = {"tokens": (args.prompt_tokens, args.response_tokens), "sae_k": topk}
+        self.mfus, self.mfu_text = mfus_of(args)
+        self.peak = args.peak_tflops
+        self.global_batch = args.global_batch or self.recipe.train.global_batch_size
+        self.pairs = args.dataset_pairs or timing.dataset_pairs(self.recipe)
+        self.gpu_bytes = args.gpu_mem * GIB
+
+    def step(self, topo=None, zero=None, group=None, **kw):
+        return comms.plan_step(
+            self.recipe, self.shape, topo or self.topo, self.d_sae, group or self.group, zero,
+            global_batch=self.global_batch, **self.kw, **kw,
+        )  # fmt: skip
+
+    def one_node_workload(self) -> comms.Workload:
+        """Micro-batch and accumulation of the global batch on one node: what weak scaling holds fixed."""
+        return self.step(topo=self.topo._replace(nodes=1)).workload
+
+    def times(self, step, topo=None) -> list[dict]:
+        t = topo or self.topo
+        return [timing.step_time(self.recipe, self.shape, t, step, self.d_sae, m.value, self.peak) for m in self.mfus]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)  # key=value overrides may follow the flags
-    from fpo_ds.tools.planner import shapes
-
-    recipe = C.load(args.recipe, args.overrides)
-    shape = shapes.model_shape(recipe.model.name_or_path)
-    topo = comms.Topology(args.nodes, args.gpus_per_node, args.intra_gbps, args.inter_gbps)
-    recipe = _resolve_auto(recipe, shape, topo, args.gpu_mem)
-    group = args.shard_group or recipe.sae.shard_group
-    d_sae, source = shapes.sae_width(recipe.sae, shape.hidden, args.d_sae)
-    d_sae = d_sae if recipe.loss.method == "fpo" else None
+    ctx = Context(args)
+    if args.markdown:
+        print(markdown(ctx, args))
+        return
+    recipe, shape, topo = ctx.recipe, ctx.shape, ctx.topo
     print(
         f"{recipe.model.name_or_path}: {shape.params / 1e6:,.1f}M params, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}; {args.nodes} x {args.gpus_per_node} GPUs; {recipe.deepspeed.config}"
     )
-    fits = _print_memory(recipe, shape, topo, d_sae, group, args.gpu_mem)
+    fits = _print_memory(ctx, args.gpu_mem)
     if recipe.loss.method == "fpo":
-        size = comms.shard_group_size(group, topo)
-        print(f"SAE: {d_sae or 'unknown (pass --d-sae)'} features ({source}); shard group {group} = {size} ranks")
-    mfu, why = (args.mfu, "--mfu") if args.mfu else comms.default_mfu(shape.params)
-    kw = {"tokens": (args.prompt_tokens, args.response_tokens), "sae_k": _topk(args, recipe, shapes)}
-    z = comms.zero_settings(recipe.deepspeed.config)
-    step = comms.plan_step(recipe, shape, topo, d_sae, group, z, **kw)
-    timed = _print_step(recipe, shape, topo, step, d_sae, mfu, why, args.peak_tflops)
-    _print_weak(recipe, shape, topo, d_sae, step.workload, mfu, args.peak_tflops, kw)
-    pp = comms.plan_step(recipe, shape, topo, d_sae, group, z.zeropp(topo.gpus, True), **kw)
-    zeropp = comms.step_time(recipe, shape, topo, pp, d_sae, mfu, args.peak_tflops)
-    for line in comm_advice(timed, step, zeropp, topo):
+        size_ = comms.shard_group_size(ctx.group, topo)
+        print(
+            f"SAE: {ctx.d_sae or 'unknown (pass --d-sae)'} features ({ctx.sae_source}); "
+            f"shard group {ctx.group} = {size_} ranks"
+        )
+    step = ctx.step()
+    _print_batch(ctx, step)
+    print("Communication per optimizer step and rank (bytes received; ring / all-to-all on the group's links):")
+    print("\n".join(comm_table(step, topo)))
+    print(
+        f"Time per step: {ctx.peak:.0f} TFLOPS peak; in-node {topo.intra_gbps:.0f} GB/s, "
+        f"network {topo.inter_gbps:.0f} GB/s per GPU"
+    )
+    print(f"  {ctx.mfu_text}")
+    timed = ctx.times(step)
+    for t, m in zip(timed, ctx.mfus):
+        print(time_line(t, m))
+    _print_strong(ctx)
+    _print_weak(ctx, ctx.one_node_workload())
+    if args.tune:
+        _print_tune(ctx, not args.no_quantized)
+    pp = ctx.step(zero=step.zero.zeropp(topo.gpus, True))
+    print("\nAdvice:")
+    for line in comm_advice(timed[0], step, ctx.times(pp)[0], topo):
+        print(f"- {line}")
+    for line in batch_advice(recipe, shape, topo, ctx.d_sae, ctx.mfus[0], ctx.peak, ctx.global_batch, ctx.kw):
         print(f"- {line}")
     if not fits:  # scripts that ask "does it fit?" read the exit status
         raise SystemExit(EXIT_DOES_NOT_FIT)
 
 
-def _resolve_auto(recipe: C.Recipe, shape, topo: comms.Topology, gpu_mem: float) -> C.Recipe:
+def _resolve_auto(recipe: C.Recipe, shape, topo: links.Topology, gpu_mem: float) -> C.Recipe:
     """deepspeed.config=auto: say what it picks on these GPUs; the plan then models the ZeRO-3 bf16 JSON."""
     import dataclasses
 
@@ -289,62 +320,143 @@ def _resolve_auto(recipe: C.Recipe, shape, topo: comms.Topology, gpu_mem: float)
     print(choice.reason)
     zero3 = "ds_configs/zero3_bf16.json"
     if choice.systems["zero_optimization"]["stage"] == 2:
-        print(f"(the plan models ZeRO-3 runs: below is {zero3}, what auto would pick on smaller GPUs)")
+        print(f"(the plan models {zero3} below, what auto would pick on smaller GPUs)")
     return dataclasses.replace(recipe, deepspeed=dataclasses.replace(recipe.deepspeed, config=zero3))
 
 
-def _print_weak(recipe, shape, topo: comms.Topology, d_sae, wl: comms.Workload, mfu: float, peak: float, kw: dict):
-    rows = comms.weak_scaling(recipe, shape, topo, d_sae, wl, mfu, peak, **kw)
-    print(
-        f"\nWeak scaling: micro {wl.micro} x accumulation {wl.accumulation} per rank fixed, so the global batch "
-        f"grows with the world; step seconds / MFU, {recipe.deepspeed.config} without and with ZeRO++ "
-        "(hpZ over the node, qwZ, qgZ), per SAE shard group"
-    )
-    print("\n".join(weak_table(rows, topo.gpus, wl)))
-
-
-def _topk(args, recipe, shapes) -> int:
-    return args.sae_topk if args.sae_topk is not None else shapes.sae_topk(recipe.sae)
-
-
-def _print_memory(recipe, shape, topo: comms.Topology, d_sae, group, gpu_mem: float) -> bool:
+def _print_memory(ctx: Context, gpu_mem: float) -> bool:
     """Print the memory table and advice; True when the recipe fits."""
-    items = estimate(recipe, shape._asdict(), topo.nodes, topo.gpus, d_sae, group)
+    items = memory.estimate(ctx.recipe, ctx.shape._asdict(), ctx.topo.nodes, ctx.topo.gpus, ctx.d_sae, ctx.group)
     print("Memory per GPU:")
     for k, v in items.items():
         size = f"{v / GIB:8.2f} GiB {v / 2**20:12,.1f} MiB" if v >= 2**20 else f"{v / 2**10:8.1f} KiB"  # never "0.00"
         print(f"  {k:24s} {size}{'   (host memory, not GPU)' if k.startswith('host_') else ''}")
-    lines = advice(items, recipe, gpu_mem * GIB)
+    lines = memory.advice(items, ctx.recipe, gpu_mem * GIB)
     for line in lines:
         print(f"  {line}")
     return not lines[0].startswith("does NOT fit")
 
 
-def _print_step(
-    recipe, shape, topo: comms.Topology, step: comms.StepPlan, d_sae, mfu: float, why: str, peak: float
-) -> dict:
-    wl = step.workload
+def _print_batch(ctx: Context, step: comms.StepPlan) -> None:
+    wl, t = step.workload, ctx.recipe.train
+    limit = comms.data_parallel_limit(ctx.global_batch, t.micro_batch_size)
+    source = "--global-batch" if ctx.global_batch != t.global_batch_size else "the recipe's train.global_batch_size"
     print(
-        f"\nBatch: micro {wl.micro} pair(s) x {topo.world} ranks x accumulation {wl.accumulation} = global "
-        f"{wl.micro * topo.world * wl.accumulation} pairs per step; {wl.rows} sequences per micro-batch of "
+        f"\nBatch: global batch {ctx.global_batch} pairs ({source}); data-parallel limit {limit} ranks "
+        f"(global batch {ctx.global_batch} / micro-batch {t.micro_batch_size})"
+    )
+    print(
+        f"  this plan: micro {wl.micro} x {ctx.topo.world} ranks x accumulation {wl.accumulation} = "
+        f"{wl.micro * ctx.topo.world * wl.accumulation} pairs per step; {wl.rows} sequences per micro-batch of "
         f"{wl.seq_tokens} tokens ({wl.response_tokens} response; --prompt-tokens / --response-tokens)"
     )
     if step.note:
-        print(f"  note: {step.note}")
-    print("Communication per optimizer step and rank (bytes received; NCCL ring / all-to-all on the group's links):")
-    print("\n".join(comm_table(step, topo)))
-    lg = step.logged
+        print(f"  {step.note}")
+
+
+def _print_strong(ctx: Context) -> None:
+    rows = timing.strong_scaling(
+        ctx.recipe, ctx.shape, ctx.topo, ctx.d_sae, [m.value for m in ctx.mfus], ctx.peak, ctx.global_batch,
+        shard_group=ctx.group, **ctx.kw,
+    )  # fmt: skip
+    pairs = f", epoch = {ctx.pairs:,} pairs" if ctx.pairs else ""
     print(
-        f"  DeepSpeed's comms logger, per step (its msg_size: input bytes): all_gather {lg.allgather:,.0f} B, "
-        f"reduce_scatter {lg.reduce_scatter:,.0f} B, all_to_all {lg.all_to_all:,.0f} B"
+        f"\nStrong scaling: global batch {ctx.global_batch} fixed, {ctx.recipe.deepspeed.config}, shard group "
+        f"{ctx.group}{pairs}; step and epoch time at {_mfu_words(ctx.mfus)}"
     )
-    timed = comms.step_time(recipe, shape, topo, step, d_sae, mfu, peak)
+    if not rows:
+        print(f"  (no node count of {ctx.topo.gpus} GPUs divides global batch {ctx.global_batch})")
+    print("\n".join(strong_table(rows, ctx.mfus, ctx.pairs, ctx.global_batch)))
+
+
+def _mfu_words(mfus: list[compute.Mfu]) -> str:
+    return (
+        f"MFU {mfus[0].value:.2f}" if len(mfus) == 1 else f"MFU {mfus[1].value:.2f} (fast end) to {mfus[0].value:.2f}"
+    )
+
+
+def _print_weak(ctx: Context, wl: comms.Workload) -> None:
+    rows = [
+        timing.weak_scaling(ctx.recipe, ctx.shape, ctx.topo, ctx.d_sae, wl, m.value, ctx.peak, **ctx.kw)
+        for m in ctx.mfus
+    ]
     print(
-        f"Time per step: {peak:.0f} TFLOPS peak, compute MFU {mfu:.3f} ({why}); in-node {topo.intra_gbps:.0f} GB/s, "
-        f"network {topo.inter_gbps:.0f} GB/s per GPU"
+        f"\nWeak scaling: micro {wl.micro} x accumulation {wl.accumulation} per rank fixed, so the global batch "
+        f"grows with the world (each row says its global batch; beyond {ctx.global_batch} it is not the recipe's); "
+        f"step seconds at {_mfu_words(ctx.mfus)}, {ctx.recipe.deepspeed.config} without and with ZeRO++ "
+        "(hpZ over the node, qwZ, qgZ), per SAE shard group"
     )
-    print(time_line(timed))
-    return timed
+    print("\n".join(weak_table(rows, ctx.topo.gpus)))
+
+
+def _print_tune(ctx: Context, quantized: bool) -> None:
+    mfu = ctx.mfus[0]
+    ranked = tune.search(
+        ctx.recipe, ctx.shape, ctx.topo, ctx.d_sae, mfu.value, ctx.peak, ctx.gpu_bytes, ctx.global_batch,
+        quantized, **ctx.kw,
+    )  # fmt: skip
+    print(
+        f"\nTune: fastest settings at global batch {ctx.global_batch} on {ctx.topo.nodes} x {ctx.topo.gpus} GPUs "
+        f"that fit {0.9 * ctx.gpu_bytes / GIB:.0f} GiB (ranked at MFU {mfu.value:.2f}; {len(ranked)} fit)"
+        + ("" if quantized else "; qwZ/qgZ left out (--no-quantized)")
+    )
+    for i, r in enumerate(ranked[:3], 1):
+        s = r["setting"]
+        print(f"{i}. {s.label}: step {r['step_s']:.3f} s, {r['gpu_bytes'] / GIB:.1f} GiB/GPU")
+        print(f"   overrides: {' '.join(tune.overrides(s))} deepspeed.config=<this JSON>")
+        print(f"   DeepSpeed JSON: {json.dumps(tune.ds_json(ctx.recipe, s, ctx.topo), sort_keys=True)}")
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def plan_line(ctx: Context, args) -> str:
+    """The recipe header's plan line (tests/test_plan.py checks every recipe carries today's)."""
+    timed = ctx.times(ctx.step())
+    items = memory.estimate(ctx.recipe, ctx.shape._asdict(), ctx.topo.nodes, ctx.topo.gpus, ctx.d_sae, ctx.group)
+    gib = sum(v for k, v in items.items() if not k.startswith("host")) / GIB
+    where = f" --nodes {ctx.topo.nodes}" if ctx.topo.nodes > 1 else ""
+    mfu = "/".join(f"{m.value:.2f}" for m in reversed(ctx.mfus))
+    step = span([t["step_s"] for t in timed])
+    return f"# Plan (fpo-ds plan {args.recipe}{where}): {gib:.1f} GiB/GPU, {step}/step at MFU {mfu}"
+
+
+def markdown(ctx: Context, args) -> str:
+    """The README's scaling block (tables + the MFU they assume), then the recipe header's plan line.
+
+    tests/test_plan.py checks that the README and the recipes hold exactly this.
+    """
+    strong = timing.strong_scaling(
+        ctx.recipe, ctx.shape, ctx.topo, ctx.d_sae, [m.value for m in ctx.mfus], ctx.peak, ctx.global_batch,
+        shard_group=ctx.group, **ctx.kw,
+    )  # fmt: skip
+    wl = ctx.one_node_workload()
+    weak = [
+        timing.weak_scaling(ctx.recipe, ctx.shape, ctx.topo, ctx.d_sae, wl, m.value, ctx.peak, **ctx.kw)
+        for m in ctx.mfus
+    ]
+    cmd = " ".join(["fpo-ds plan", args.recipe, f"--nodes {ctx.topo.nodes} --gpus-per-node {ctx.topo.gpus}"])
+    pairs = f"; epoch = {ctx.pairs:,} pairs" if ctx.pairs else ""
+    return "\n".join(
+        [
+            f"`{cmd} --markdown`; times at {_mfu_words(ctx.mfus)} ({compute.CONVENTION}), "
+            f"{ctx.peak:.0f} TFLOPS peak, {ctx.topo.intra_gbps:.0f} / {ctx.topo.inter_gbps:.0f} GB/s per GPU in / "
+            f"across nodes, {ctx.kw['tokens'][0]} prompt + {ctx.kw['tokens'][1]} response tokens.",
+            "",
+            f"Strong scaling: global batch {ctx.global_batch} fixed (data-parallel limit "
+            f"{comms.data_parallel_limit(ctx.global_batch, ctx.recipe.train.micro_batch_size)} ranks), "
+            f"{ctx.recipe.deepspeed.config}, shard group {ctx.group}{pairs}:",
+            "",
+            *strong_table(strong, ctx.mfus, ctx.pairs, ctx.global_batch),
+            "",
+            f"Weak scaling: micro {wl.micro} x accumulation {wl.accumulation} per rank, the global batch grows "
+            "with the world (each row's is in it); without and with ZeRO++, per SAE shard group:",
+            "",
+            *weak_table(weak, ctx.topo.gpus),
+            "",
+            f"Recipe header: {plan_line(ctx, args)}",
+        ]
+    )
 
 
 if __name__ == "__main__":
