@@ -79,6 +79,7 @@ DELEGATED = {
     "plan": "fpo_ds.tools.planner.plan",
     "generate": "fpo_ds.generate",
     "compare-report": "fpo_ds.tools.comparison.report",
+    "data": "fpo_ds.data_report",
 }
 
 
@@ -115,6 +116,7 @@ def _run(argv: list[str]) -> int:
     sub.add_parser("plan", help="per-GPU memory estimate for a recipe on N nodes x G GPUs, and what to change")
     sub.add_parser("generate", help="answer AlpacaEval / Arena-Hard / MT-Bench questions into their answer files")
     sub.add_parser("compare-report", help="the table of a slurm/compare.sh run: held-out metrics, answers, judges")
+    sub.add_parser("data", help="what the model will see: rows kept per source, lengths, truncation, --show N pairs")
     v = sub.add_parser("validate", help="check a recipe without touching a GPU, a model or the network")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")

@@ -111,6 +111,9 @@ class DataConfig:
     """Seed of the per-epoch shuffle of pair order (and of the eval_fraction hold-out and the mix)."""
     eval_split: str | None = None
     """Held-out pairs: this split of data.path (e.g. UltraFeedback's test_prefs). Or use eval_fraction."""
+    eval_path: str | None = None
+    """Take data.eval_split from this source instead of data.path (e.g. SFT on UltraChat, held out on
+    UltraFeedback's test_prefs)."""
     eval_fraction: float | None = None
     """Held-out pairs: this share of data.split's rows (of each mixed source's), seeded by data.seed."""
 
@@ -422,7 +425,9 @@ def _check_data(d: DataConfig, method: str, problems: list[str]) -> None:
         )
     if d.max_samples is not None and d.max_samples <= 0:
         problems.append(f"data.max_samples: must be >= 1, got {d.max_samples} (null: every row)")
-    if d.eval_split is not None and d.eval_split == d.split:
+    if d.eval_path is not None and d.eval_split is None:
+        problems.append("data.eval_path: names where data.eval_split comes from; set data.eval_split too")
+    if d.eval_split is not None and d.eval_split == d.split and d.eval_path in (None, d.path):
         problems.append(
             f"data.eval_split: {d.eval_split!r} is the training split (data.split): held-out metrics would be "
             "measured on trained rows; name another split, or hold out a share with data.eval_fraction"

@@ -94,12 +94,18 @@ def render(tokenizer, conv: F.Conversation) -> tuple[list[int], list[int], list[
 
 
 def encode_conversation(tokenizer, conv: F.Conversation, max_length: int, max_prompt_length: int):
-    p, c, r = truncate(*render(tokenizer, conv), max_length, max_prompt_length)
+    return _encode_full(tokenizer, conv, max_length, max_prompt_length)[:3]
+
+
+def _encode_full(tokenizer, conv: F.Conversation, max_length: int, max_prompt_length: int):
+    """Truncated (prompt, chosen, rejected) ids and their untruncated lengths; BadRow for an unusable pair."""
+    full = render(tokenizer, conv)
+    p, c, r = truncate(*full, max_length, max_prompt_length)
     if not c or not r:
         raise BadRow("empty_after_truncation")
     if c == r and conv.rejected is not None:  # no preference left to learn: it would only dilute the loss
         raise BadRow("identical_after_truncation", "chosen and rejected token ids are equal")
-    return p, c, r
+    return p, c, r, [len(x) for x in full]
 
 
 def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int, fmt: str = "auto"):
@@ -108,12 +114,13 @@ def encode(tokenizer, row: dict, max_length: int, max_prompt_length: int, fmt: s
 
 
 def _encode_row(tokenizer, row: dict, max_length: int, max_prompt_length: int, fmt: str = "auto"):
-    """(prompt, chosen, rejected) ids, "" and the format for a usable row; empty lists and why otherwise."""
+    """Ids, "", the format and the untruncated lengths for a usable row; empty lists and why otherwise."""
     try:
         conv = F.normalise(row, fmt)
-        return (*encode_conversation(tokenizer, conv, max_length, max_prompt_length), "", conv.format)
+        p, c, r, full = _encode_full(tokenizer, conv, max_length, max_prompt_length)
+        return p, c, r, "", conv.format, full
     except BadRow as e:
-        return [], [], [], str(e), fmt if fmt != "auto" else F.detect(row)
+        return [], [], [], str(e), fmt if fmt != "auto" else F.detect(row), [0, 0, 0]
 
 
 def _collect(records, on_bad_row: str, source: str, log=None) -> tuple[list[Pair], dict[str, list[int]]]:
@@ -170,8 +177,9 @@ def select(data_cfg, part: Part = "train") -> list[Selection]:
     d = data_cfg
     srcs = S.sources(d)
     if part == "eval" and d.eval_split is not None:
-        rows = S.load(srcs[0], d.eval_split, "data.eval_split")
-        return [Selection(srcs[0], rows, rows_source(d, part), len(rows))]
+        src = S.eval_source(d)
+        rows = S.load(src, d.eval_split, "data.eval_split")
+        return [Selection(src, rows, rows_source(d, part), len(rows))]
     if part == "eval" and d.eval_fraction is None:
         raise ValueError("data: no held-out pairs; set data.eval_split or data.eval_fraction")
     if not d.mix:
@@ -229,7 +237,9 @@ def rows_source(data_cfg, part: Part) -> str:
     if d.mix:
         return f"data.mix of {len(d.mix)} sources" + (" (held-out part)" if part == "eval" else "")
     if part == "eval":
-        return f"{d.path} [{d.eval_split}]" if d.eval_split else f"{d.path} [{d.split}, held-out {d.eval_fraction}]"
+        if d.eval_split:
+            return f"{d.eval_path or d.path} [{d.eval_split}]"
+        return f"{d.path} [{d.split}, held-out {d.eval_fraction}]"
     return f"{d.path} [{d.split}]" + (f" less the held-out {d.eval_fraction}" if d.eval_fraction else "")
 
 
@@ -286,7 +296,7 @@ def read_tokenized(path: Path, on_bad_row: str, source: str, log=None, vocab_siz
     Bad rows are dropped (and counted) or, with on_bad_row=fail, refused. `offset` is added to
     the row ids (a mixture's later sources follow the earlier ones).
     """
-    ids, p, c, r, bad, fmts = T.read(path, vocab_size)
+    ids, p, c, r, bad, fmts, _ = T.read(path, vocab_size)
     pairs, dropped = _collect(zip([i + offset for i in ids], p, c, r, bad), on_bad_row, source, log)
     return pairs, dropped, dict(Counter(fmts))
 
@@ -338,6 +348,7 @@ def load(data_cfg, tokenizer, part: Part = "train", log=None, prepare=None) -> L
                 "pairs_kept": len(got),
                 "dropped": {reason: {"rows": len(ids), "example_ids": ids[:10]} for reason, ids in dropped.items()},
                 "formats": formats,
+                "tokenized": str(path),
             }
         )
     return Loaded(pairs, fingerprint(selections), sources)

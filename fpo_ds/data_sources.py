@@ -45,6 +45,14 @@ def sources(data_cfg) -> list[Source]:
     return [Source("data", d.path, d.split, d.name, d.revision, d.format)]
 
 
+def eval_source(data_cfg) -> Source:
+    """Where data.eval_split is read: data.eval_path, else data.path (with its hub name and revision)."""
+    d = data_cfg
+    if d.eval_path is not None and d.eval_path != d.path:
+        return Source("data.eval_path", d.eval_path, d.eval_split, format=d.format)
+    return Source("data", d.path, d.eval_split, d.name, d.revision, d.format)
+
+
 def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
@@ -89,13 +97,13 @@ def split_problems(data_cfg) -> list[str]:
     for src in sources(data_cfg):
         if src.path is None:
             continue
-        have = split_names(src)
-        wanted = [(f"{src.key}.split", src.split)]
+        wanted = [(src, f"{src.key}.split", src.split)]
         if src.key == "data" and data_cfg.eval_split is not None:
-            wanted.append(("data.eval_split", data_cfg.eval_split))
-        for key, split in wanted:
+            wanted.append((eval_source(data_cfg), "data.eval_split", data_cfg.eval_split))
+        for where, key, split in wanted:
+            have = split_names(where)
             if have is not None and split not in have:
-                problems.append(str(_missing_split(src, split, have, key)))
+                problems.append(str(_missing_split(where, split, have, key)))
     return problems
 
 

@@ -17,9 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
-FORMAT = 2  # 2: per-row format column, fpo_ds.json with checksums
+FORMAT = 3  # 2: per-row format column, fpo_ds.json with checksums; 3: untruncated lengths
 MANIFEST = "fpo_ds.json"
-COLUMNS = ("example_id", "prompt_ids", "chosen_ids", "rejected_ids", "bad", "format")
+COLUMNS = ("example_id", "prompt_ids", "chosen_ids", "rejected_ids", "bad", "format", "full_lengths")
 
 
 class DamagedCache(ValueError):

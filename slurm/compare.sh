@@ -1,6 +1,6 @@
 #!/bin/bash
 # The paper's comparison as one Slurm job graph (submit from any directory; jobs run from the repository):
-#   slurm/compare.sh SIZE [--root DIR] [--sft | --sft-model DIR] [--methods dpo,tdpo1,tdpo2,simpo,fpo]
+#   slurm/compare.sh SIZE [--root DIR] [--sft [--sft-data SRC] | --sft-model DIR] [--methods dpo,tdpo1,tdpo2,simpo,fpo]
 #       [--alpaca-eval FILE] [--arena-hard FILE] [--mt-bench FILE] [--world DIR] [key=value ...]
 # SIZE: 2b, 9b (recipes/gemma-2-*.yaml) or tiny (the embedded world, CPU). Settings per size and method:
 # slurm/compare.yaml. ROOT (default runs/compare-SIZE) gets the runs, the cache, the exported models,

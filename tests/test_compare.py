@@ -88,10 +88,32 @@ def test_sft_stage_uses_the_base_model_and_feeds_every_method(tmp_path):
     sft = _recipe(plan["stages"]["sft"])
     assert sft.loss.method == "sft" and sft.model.name_or_path == "google/gemma-2-2b"
     assert (sft.data.split, sft.data.eval_split, sft.train.max_steps) == ("train_sft", "test_prefs", 7)
+    # the paper's SFT data (UltraChat's messages rows), held out on the methods' UltraFeedback pairs
+    assert (sft.data.path, sft.data.eval_path) == (
+        "HuggingFaceH4/ultrachat_200k",
+        "HuggingFaceH4/ultrafeedback_binarized",
+    )
     exported = str(tmp_path / "r" / "models" / "sft")
     assert plan["sft"] == {"source": "trained", "model": exported}
     assert all(_recipe(plan["stages"][m]).model.name_or_path == exported for m in compare_plan.METHODS)
     assert all(_recipe(plan["stages"][m]).train.max_steps == 7 for m in compare_plan.METHODS)
+
+
+def test_sft_stage_reads_a_given_ultrachat_shaped_source(tmp_path):
+    rows = tmp_path / "ultrachat.jsonl"
+    row = {
+        "prompt": "q",
+        "prompt_id": "0" * 64,
+        "messages": [{"content": "q", "role": "user"}, {"content": "a", "role": "assistant"}],
+    }
+    rows.write_text(json.dumps(row) + "\n")
+    world = str(_fake_world(tmp_path / "w"))
+    plan = _plan(tmp_path, "tiny", "--root", str(tmp_path / "r"), "--world", world, "--sft", "--sft-data", str(rows))
+    sft = _recipe(plan["stages"]["sft"])
+    assert (sft.loss.method, sft.data.path, sft.data.split) == ("sft", str(rows), "train")
+    assert all(_recipe(plan["stages"][m]).data.path == f"{world}/data/train.jsonl" for m in compare_plan.METHODS)
+    with pytest.raises(ValueError, match="--sft-data: the SFT stage runs only with --sft"):
+        _plan(tmp_path, "tiny", "--root", str(tmp_path / "r"), "--world", world, "--sft-data", str(rows))
 
 
 def test_planner_refuses_a_mistake_before_queueing(tmp_path):

@@ -69,6 +69,12 @@ def test_validate_refuses_a_split_the_source_lacks_and_names_the_available(tmp_p
     code, err = _validate(tmp_path, capsys, saved, "data.split=train", "data.eval_split=test_prefs")
     assert code == 1 and "data.split: " in err and "has no split 'train'" in err
     assert _validate(tmp_path, capsys, saved, "data.split=train_prefs", "data.eval_split=test_prefs")[0] == 0
+    # held-out pairs from another source (SFT on one set, held out on another's preferences)
+    code, err = _validate(tmp_path, capsys, local, f"data.eval_path={saved}", "data.eval_split=train")
+    assert code == 1 and "data.eval_split: " in err and f"{saved} has no split 'train'" in err
+    assert _validate(tmp_path, capsys, local, f"data.eval_path={saved}", "data.eval_split=test_prefs")[0] == 0
+    held = D.select(C.DataConfig(path=local, eval_path=str(saved), eval_split="test_prefs"), "eval")
+    assert len(held[0].rows) == 4 and held[0].label == f"{saved} [test_prefs]"
     cfg = C.DataConfig(path=local, eval_split="nosuch")
     with pytest.raises(ValueError, match=r"data.eval_split: .* has no split 'nosuch'.*available: \['train'\]"):
         D.select(cfg, "eval")  # the same refusal at load time, whatever the source

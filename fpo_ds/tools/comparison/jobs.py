@@ -1,6 +1,7 @@
 """The stages behind slurm/compare.sh, resolved and checked before any job is queued.
 
-    eval "$(python -m fpo_ds.tools.comparison.jobs SIZE [--root DIR] [--sft | --sft-model DIR] [--methods LIST]
+    eval "$(python -m fpo_ds.tools.comparison.jobs SIZE [--root DIR] [--sft [--sft-data SRC] | --sft-model DIR]
+            [--methods LIST]
             [--alpaca-eval FILE] [--arena-hard FILE] [--mt-bench FILE] [--world DIR] [key=value ...])"
 
 Reads slurm/compare.yaml (per-size and per-method settings), builds each stage's recipe
@@ -98,8 +99,9 @@ def build(args: argparse.Namespace, settings: dict) -> dict:
     recipe = (REPO / size["recipe"]).resolve()
     common, user = size.get("overrides") or {}, list(args.overrides)
     stages: dict[str, dict] = {}
+    sft_data = _sft_data(args)
     if args.sft:
-        sft = common | settings["sft"].get("all", {}) | (settings["sft"].get(args.size) or {})
+        sft = common | settings["sft"].get("all", {}) | (settings["sft"].get(args.size) or {}) | sft_data
         stages["sft"] = _stage(recipe, _pairs(sft, world) + user, root / "runs" / "sft")
     sft_model = _sft_model(args, recipe, _pairs(common, world) + user, root)
     base = [f"model.name_or_path={sft_model}", f"cache.dir={root}/cache"]
@@ -121,6 +123,19 @@ def build(args: argparse.Namespace, settings: dict) -> dict:
         "generate": size.get("generate") or {},
         "model_id_prefix": args.model_id_prefix or f"fpo-ds-{args.size}",
     }
+
+
+def _sft_data(args: argparse.Namespace) -> dict:
+    """--sft-data: the SFT stage's rows (an UltraChat-shaped `messages` set, or any other format)."""
+    if not args.sft_data:
+        return {}
+    if not args.sft:
+        raise ValueError("--sft-data: the SFT stage runs only with --sft")
+    from fpo_ds.data_sources import LOCAL_SPLIT, kind
+
+    local = kind(args.sft_data) in ("file", "glob")
+    path = str(Path(args.sft_data).resolve()) if local and Path(args.sft_data).exists() else args.sft_data
+    return {"data.path": path, "data.split": args.sft_split or (LOCAL_SPLIT if local else "train_sft")}
 
 
 def _sft_model(args: argparse.Namespace, recipe: Path, overrides: list[str], root: Path) -> str:
@@ -190,6 +205,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sft = p.add_mutually_exclusive_group()
     sft.add_argument("--sft", action="store_true", help="run the SFT stage from the recipe's base model first")
     sft.add_argument("--sft-model", help="an SFT model (directory or hub id): the reference of every method")
+    p.add_argument("--sft-data", help="--sft: its rows instead of paper.yaml's (e.g. a local UltraChat copy)")
+    p.add_argument("--sft-split", help="--sft-data's split (default: train for a local file, else train_sft)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     for fmt, flag in QUESTION_FLAGS.items():
         p.add_argument(flag, dest=fmt, help=f"{fmt} question file (fpo-ds generate --format {fmt})")
