@@ -36,13 +36,12 @@ TOP = 15
 def flops_per_token(shape, seq: int, checkpointing: bool) -> float:
     """Model FLOPs per trained token: the planner's convention, the one function every MFU here goes through.
 
-    fpo_ds.tools.planner.comms.flops_per_token: 6N plus attention's 12 L H Q T (PaLM's). The
-    recompute of activation checkpointing is not model FLOPs and is not counted (`checkpointing`
-    is passed for a convention that counts it).
+    fpo_ds.tools.planner.compute.train_flops_per_token: 6N + attention (full T x T) + the recompute
+    under activation checkpointing.
     """
-    from fpo_ds.tools.planner import comms
+    from fpo_ds.tools.planner import compute
 
-    return comms.flops_per_token(shape, seq)
+    return compute.train_flops_per_token(shape, seq, checkpointing)
 
 
 def peak_tflops() -> float:
@@ -236,7 +235,7 @@ def _read_points(path: Path) -> dict:
 def calibrate(out: Path, world: Path) -> list[dict]:
     """The planner's memory and step time against each measured sweep point.
 
-    Memory: plan.estimate at the point's micro-batch, widest padded length and checkpointing.
+    Memory: memory.estimate at the point's micro-batch, widest padded length and checkpointing.
     Time: the planner's compute MFU is fitted on the first ZeRO-3 point (its predicted step
     equals the measured one there) and that MFU predicts every other point. The planner models
     ZeRO-3 only: stage-0 (auto) points are predicted as ZeRO-3 and marked so.
@@ -276,7 +275,7 @@ def calibrate(out: Path, world: Path) -> list[dict]:
 def _plan(point: dict, shape, d_sae: int, world: Path, mfu: float) -> dict:
     """The planner's per-GPU memory and step time for one point, on one GPU, at this compute MFU."""
     from fpo_ds import config as C
-    from fpo_ds.tools.planner import comms, plan
+    from fpo_ds.tools.planner import comms, memory, timing
 
     ds = "zero3_bf16.json" if point["dtype"] == "bf16" else "zero3_fp32.json"
     raw = {
@@ -291,11 +290,11 @@ def _plan(point: dict, shape, d_sae: int, world: Path, mfu: float) -> dict:
     recipe = C.from_dict(raw)
     nums = {k: getattr(shape, k) for k in ("params", "hidden", "layers", "vocab", "largest_layer")}
     d = d_sae if point["method"] == "fpo" else None
-    items = plan.estimate(recipe, nums, 1, 1, d)
+    items = memory.estimate(recipe, nums, 1, 1, d)
     topo = comms.Topology(1, 1)
     half = point["widest"] // 2
     step = comms.plan_step(recipe, shape, topo, d, "node", comms.zero_settings(recipe.deepspeed.config), (half, half))
-    t = comms.step_time(recipe, shape, topo, step, d, mfu, peak_tflops())
+    t = timing.step_time(recipe, shape, topo, step, d, mfu, peak_tflops())
     mem = sum(v for k, v in items.items() if not k.startswith("host")) / 2**20
     return {"pred_step_s": t["step_s"], "compute_s": t["compute_s"], "pred_peak_mib": mem}
 
