@@ -55,7 +55,7 @@ def load_rows(path: str, split: str, name: str | None = None, revision: str | No
 
 
 def _response_text(tokenizer, prompt: list[dict], prompt_text: str, response: list[dict]) -> str:
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    full = _template(tokenizer, prompt + response)
     if not full.startswith(prompt_text):
         raise ValueError(
             "the tokenizer's chat template does not render the prompt (with add_generation_prompt) as a "
@@ -73,6 +73,16 @@ def truncate(p: list[int], c: list[int], r: list[int], max_length: int, max_prom
     return p, c[:room], r[:room]
 
 
+def _template(tokenizer, messages: list[dict], **kwargs) -> str:
+    """The chat template's text; a template that refuses this row's messages drops the row (counted)."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:  # e.g. a system role or non-alternating turns the model's template rejects
+        raise BadRow("chat_template", str(e)) from None
+
+
 def render(tokenizer, conv: F.Conversation) -> tuple[list[int], list[int], list[int]]:
     """Conversation -> untruncated (prompt, chosen, rejected) ids; an SFT row's rejected is its chosen.
 
@@ -87,7 +97,7 @@ def render(tokenizer, conv: F.Conversation) -> tuple[list[int], list[int], list[
         if tokenizer.eos_token_id is not None and full[-1:] != [tokenizer.eos_token_id]:
             full = full + [tokenizer.eos_token_id]
         return full[:1], full[1:], full[1:]
-    prompt_text = tokenizer.apply_chat_template(conv.prompt, tokenize=False, add_generation_prompt=True)
+    prompt_text = _template(tokenizer, conv.prompt, add_generation_prompt=True)
     c = ids(_response_text(tokenizer, conv.prompt, prompt_text, conv.chosen))
     r = c if conv.rejected is None else ids(_response_text(tokenizer, conv.prompt, prompt_text, conv.rejected))
     return ids(prompt_text), c, r

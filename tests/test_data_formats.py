@@ -105,3 +105,20 @@ def test_forced_format_is_strict(tokenizer):
     assert [p.example_id for p in pairs] == [0] and bad == {"wrong_format": [1]}
     with pytest.raises(F.BadRow, match="malformed_messages"):  # a response that is not the assistant's
         F.normalise({"prompt": [user(Q)], "chosen": [user(A)], "rejected": [assistant(B)]})
+
+
+def test_a_row_the_chat_template_refuses_is_dropped_and_counted(tokenizer):
+    strict = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + strict
+    )
+    try:
+        system = {
+            "prompt": [{"role": "system", "content": "Be brief."}, user(Q)],
+            "chosen": [assistant(A)],
+            "rejected": [assistant(B)],
+        }
+        pairs, bad = D.build_pairs([STANDARD, system], tokenizer, 256, 128, "drop", "t")
+    finally:
+        tokenizer.chat_template = strict
+    assert [p.example_id for p in pairs] == [0] and bad == {"chat_template": [1]}

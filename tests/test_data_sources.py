@@ -59,6 +59,8 @@ def test_validate_refuses_a_split_the_source_lacks_and_names_the_available(tmp_p
     import datasets
 
     local = _jsonl(tmp_path / "d.jsonl")
+    code, err = _validate(tmp_path, capsys, local, "data.max_samples=0", "data.max_prompt_length=-1")
+    assert code == 1 and "data.max_samples: must be >= 1, got 0" in err and "data.max_prompt_length: must be" in err
     code, err = _validate(tmp_path, capsys, local, "data.eval_split=nosuch")
     assert code == 1 and "data.eval_split: " in err and "has no split 'nosuch'" in err and "['train']" in err
     saved = tmp_path / "saved"
