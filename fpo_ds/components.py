@@ -155,7 +155,7 @@ def _tokenize_once(sel: data.Selection, path, key: list, build) -> None:
 
     distributed = tdist.is_available() and tdist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    for writer in (dist.rank() == 0, local_rank == 0):
+    for writer in (dist.rank() == 0, local_rank == 0 and dist.rank() != 0):  # rank 0 checked it already
         error = None
         if writer:
 
