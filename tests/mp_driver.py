@@ -5,7 +5,7 @@
 SPEC.json: a list of pipeline stages ({"stage": "train" | "build-cache", "recipe", "overrides"})
 with a "name", run by fpo_ds.pipeline.run_stage exactly as `fpo-ds` runs them; a train stage
 may add "dump": true (then gather weights and logits on a fixed batch). Items with "check"
-instead run a test-only check ("sae", "zero_init", "comms"). Rank 0 writes OUT_DIR/results.json
+instead run a test-only check ("sae", "zero_init", "comms", "damage_tokenized"). Rank 0 writes OUT_DIR/results.json
 and OUT_DIR/<name>.pt. Assertions live in the tests.
 """
 
@@ -83,6 +83,9 @@ def main(spec_path: str, out_dir: str) -> None:
         if item.get("check") == "zero_init":
             results[item["name"]] = zero_init_check(C.load(item["recipe"]))
             continue
+        if item.get("check") == "damage_tokenized":
+            results[item["name"]] = damage_tokenized(item["dir"])
+            continue
         if item.get("check") == "sae":
             results[item["name"]] = sae_check(item.get("groups", ["none", "world"]))
             continue
@@ -108,6 +111,19 @@ def main(spec_path: str, out_dir: str) -> None:
         del c
     if dist.rank() == 0:
         (out / "results.json").write_text(json.dumps(results))
+
+
+def damage_tokenized(directory: str) -> dict:
+    """Rank 0 flips one byte in the middle of every tokenized set's data files (same size); all wait."""
+    damaged = []
+    if dist.rank() == 0:
+        for arrow in sorted(Path(directory).glob("fpo_ds-tokenized/*/*.arrow")):
+            raw = bytearray(arrow.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            arrow.write_bytes(bytes(raw))
+            damaged.append(str(arrow))
+    torch.distributed.barrier()
+    return {"damaged": damaged}
 
 
 def zero_init_check(recipe) -> dict:

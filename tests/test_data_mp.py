@@ -101,14 +101,17 @@ def launched(tmp_path_factory):
         "eval_fraction": 0.25,
     }
     spec.append({"name": "mix", "stage": "train", "recipe": _recipe(tmp, world, "mix", mix, "dpo")})
+    # every tokenized set damaged (same size), then a run on one of them: rank 0 names it and rebuilds it
+    spec.append({"name": "damage", "check": "damage_tokenized", "dir": str(tmp / "hf-datasets")})
+    again = {"path": str(tmp / "standard.jsonl")}
+    spec.append({"name": "rebuilt", "stage": "train", "recipe": _recipe(tmp, world, "rebuilt", again, "dpo")})
     out = tmp / "out"
     out.mkdir()
     (out / "spec.json").write_text(json.dumps(spec))
     entry = [str(ROOT / "tests" / "mp_driver.py"), str(out / "spec.json"), str(out)]
     port = 29500 + (os.getpid() + 7) % 1000
-    proc = pipeline.torchrun(
-        entry, 2, port=port, env=subprocess_env(), cwd=ROOT, capture=True, timeout=900, check=False
-    )
+    env = subprocess_env(HF_DATASETS_CACHE=str(tmp / "hf-datasets"))  # the tokenized sets the test damages
+    proc = pipeline.torchrun(entry, 2, port=port, env=env, cwd=ROOT, capture=True, timeout=900, check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return {"results": json.loads((out / "results.json").read_text()), "log": log, "tmp": tmp}
@@ -134,3 +137,13 @@ def test_mixture_rows_per_source_are_logged_and_stored_with_the_run(launched):
     ]
     assert res["n_pairs"] == 12 and math.isfinite(res["history"][0]["loss"])
     assert "format implicit (6 rows), forced by data.format" in launched["log"]
+
+
+def test_a_damaged_tokenized_set_is_named_and_rebuilt_on_two_ranks(launched):
+    damaged = launched["results"]["damage"]["damaged"]
+    assert len(damaged) == 12  # one set per format, and per source of the mixture: its training and held-out rows
+    standard = [line for line in launched["log"].splitlines() if "the tokenized set is damaged" in line]
+    assert len(standard) == 1 and "does not match its checksum (changed or truncated); rebuilding it" in standard[0]
+    assert any(standard[0].split(": the tokenized set is damaged: ")[1].startswith(d) for d in damaged)
+    res = launched["results"]["rebuilt"]
+    assert res["n_pairs"] == N and math.isfinite(res["history"][0]["loss"])
