@@ -52,8 +52,15 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
     if dist.rank() == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover partial save of the same step
     tdist.barrier()
+    adapters_only = recipe.model.lora.enabled  # the frozen base is the recipe's model, loaded again on resume
     try:
-        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(
+            str(ckpt_root),
+            tag=tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=adapters_only,
+        )
         torch.save(_rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
         faults.maybe_die_in_save(step)
         tdist.barrier()  # every rank's files are written before the marker says so
@@ -62,7 +69,13 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
             tokenizer.save_pretrained(tag_dir / "hf")
             C.dump(recipe, tag_dir / "recipe.yaml")
             files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-            _atomic_write(tag_dir / MARKER, json.dumps({"step": step, "world_size": dist.world_size(), "files": files}))
+            marker = {"step": step, "world_size": dist.world_size(), "files": files, "trainable_only": adapters_only}
+            _atomic_write(tag_dir / MARKER, json.dumps(marker))
+            if adapters_only:
+                dist.log(
+                    f"checkpoint {tag}: trainable state only (LoRA adapters, their optimizer states; the frozen base "
+                    f"is {recipe.model.name_or_path}), {sum(files.values()) / 2**20:.2f} MiB"
+                )
             _atomic_write(ckpt_root / "latest", tag)
             _prune(ckpt_root, recipe.output.keep_last)
     except (OSError, RuntimeError) as e:
@@ -243,7 +256,9 @@ def load(engine, tag_dir: Path) -> dict:
     """
     same_world = saved_world(tag_dir) == dist.world_size()
     src = universal_dir(tag_dir) if needs_universal(tag_dir) else tag_dir
-    _, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=True)
+    # A LoRA run's checkpoint holds the trainable parameters only; the frozen base comes from model.name_or_path.
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    _, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=not frozen)
     if client is None:
         raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rng = tag_dir / f"rng_rank{dist.rank()}.pt"
@@ -252,46 +267,99 @@ def load(engine, tag_dir: Path) -> dict:
     return client
 
 
-def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    """ZeRO checkpoint -> Hugging Face model directory (config, tokenizer, safetensors, model card). Single process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def export(tag_dir: str | Path, out: str | Path, dtype: str = "auto", form: str = "auto") -> Path:
+    """ZeRO checkpoint -> Hugging Face directory (config, tokenizer, safetensors, model card). Single process.
+
+    `form`: a full-parameter run exports its model ("auto" or "full"); a LoRA run (model.lora)
+    exports a PEFT adapter directory ("auto" or "adapter", loads with PeftModel.from_pretrained on
+    its base model) or the base with the adapters merged in ("merged", a plain model).
+    """
+    from transformers import AutoTokenizer
 
     tag_dir, out = Path(tag_dir), Path(out)
     _check_step_dir(tag_dir)
     verify(tag_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export: {out} exists and is not empty; pick a new directory")
-    cfg = AutoConfig.from_pretrained(tag_dir / "hf")
-    if partitioned(tag_dir):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:  # stage 0: the whole module in DeepSpeed's model-states file
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"export: {tag_dir} has neither ZeRO partitions nor mp_rank_*_model_states.pt")
-        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        state = {k: v.float() for k, v in module.items()}
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"export: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    recipe = C.load(tag_dir / "recipe.yaml")
+    lora_cfg = recipe.model.lora
+    form = ("adapter" if lora_cfg.enabled else "full") if form == "auto" else form
+    if lora_cfg.enabled == (form == "full"):
+        forms = "adapter or merged" if lora_cfg.enabled else "full"
+        raise ValueError(f"export: form {form!r} does not fit this checkpoint ({tag_dir}); use {forms}")
+    state = _saved_state(tag_dir, trainable_only=lora_cfg.enabled)
+    model = _full_model(tag_dir, state) if form == "full" else _adapted_model(recipe, state)
+    if form == "merged":
+        model = model.merge_and_unload()
     if dtype != "auto":
         model = model.to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(tag_dir / "hf")
-    stop_at_end_of_turn(model.generation_config, tokenizer)
+    generation = model.get_base_model() if form == "adapter" else model
+    stop_at_end_of_turn(generation.generation_config, tokenizer)
     model.save_pretrained(tmp, safe_serialization=True)
+    if form == "adapter":
+        generation.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     from fpo_ds import model_card, rundir
 
-    model_card.write(tag_dir, tmp, json.loads((tag_dir / MARKER).read_text())["step"], rundir.versions())
+    step = json.loads((tag_dir / MARKER).read_text())["step"]
+    model_card.write(tag_dir, tmp, step, rundir.versions(), form)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
     return out
+
+
+def _saved_state(tag_dir: Path, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 weights by name (a LoRA run's: its trainable parameters only)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if partitioned(tag_dir):
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, exclude_frozen_parameters=trainable_only
+        )
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))  # stage 0: the module in DeepSpeed's model states
+    if not files:
+        raise FileNotFoundError(f"export: {tag_dir} has neither ZeRO partitions nor mp_rank_*_model_states.pt")
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
+def _full_model(tag_dir: Path, state: dict):
+    """A full-parameter checkpoint as a Hugging Face model (fp32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tag_dir / "hf"), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"export: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def _adapted_model(recipe, state: dict):
+    """A LoRA checkpoint: the recipe's base model (fp32) with PEFT's adapters, loaded from the checkpoint."""
+    from fpo_ds import lora
+    from fpo_ds import model as M
+
+    base, _ = M.load_model(recipe.model, {"zero_optimization": {"stage": 0}})
+    base.config.use_cache = True
+    peft_model = lora.wrap(base.float(), recipe.model.lora)
+    want = set(lora.trainable(base))
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise ValueError(
+            f"export: the checkpoint's adapters do not match model.lora on {recipe.model.name_or_path}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    base.load_state_dict(state, strict=False)
+    local = Path(recipe.model.name_or_path)
+    if local.is_dir():  # the adapter names its base; a relative path would only resolve from this directory
+        peft_model.peft_config["default"].base_model_name_or_path = str(local.resolve())
+    return peft_model
 
 
 def _check_step_dir(path: Path) -> None:

@@ -44,7 +44,7 @@ def _toy(args) -> int:
 def _export(args) -> int:
     from fpo_ds import checkpoint
 
-    out = checkpoint.export(args.checkpoint, args.out, args.dtype)
+    out = checkpoint.export(args.checkpoint, args.out, args.dtype, args.form)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -132,6 +132,12 @@ def _run(argv: list[str]) -> int:
     e.add_argument("checkpoint", help="a checkpoint tag directory, e.g. runs/x/checkpoints/step_00000100")
     e.add_argument("out")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument(
+        "--form",
+        default="auto",
+        choices=["auto", "full", "adapter", "merged"],
+        help="auto: the full model, or for a LoRA run (model.lora) its PEFT adapter; merged: LoRA merged into the base",
+    )
     e.set_defaults(fn=_export)
     ev = sub.add_parser("eval", help="compare models (HF dirs, e.g. exported checkpoints) against their reference")
     ev.add_argument("--reference", required=True, help="the reference (SFT) model directory")

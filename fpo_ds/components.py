@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fpo_ds import cache, data, dist, ds_config, objective, zero_auto
+from fpo_ds import cache, data, dist, ds_config, lora, objective, zero_auto
 from fpo_ds import config as C
 from fpo_ds import model as M
 from fpo_ds.evaluation import EvalSet
@@ -92,10 +92,13 @@ def policy_engine(recipe: C.Recipe, ds_cfg: dict, total_steps: int):
 
     torch.manual_seed(recipe.train.seed)
     policy, keep = M.load_model(recipe.model, ds_cfg)
+    if recipe.model.lora.enabled:  # adapters injected in place, base frozen: the engine trains the adapters only
+        lora.wrap(policy, recipe.model.lora)
+        dist.log(lora.summary(policy, recipe.model.lora))
     if recipe.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = recipe.train
-    opt = make_optimizer(policy.parameters(), t, ds_cfg)
+    opt = make_optimizer([p for p in policy.parameters() if p.requires_grad], t, ds_cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, total_steps, t.schedule))
     engine, *_ = deepspeed.initialize(model=M.ResponseLM(policy), optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     del keep
@@ -213,7 +216,10 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
         weights = load_feature_weights(recipe.sae.feature_weights, encoder.d_sae, device) if encoder else None
         obj = objective.build(recipe.loss, recipe.sae.k, weights)
         engine = policy_engine(recipe, ds_cfg, steps)
-        if obj.ref_kind == "live":
+        if obj.ref_kind == "live" and recipe.model.lora.enabled:
+            reference = objective.LiveReference(engine, obj.needs_kl, adapters_off=True)
+            dist.log(_no_reference_copy(engine, ds_cfg))
+        elif obj.ref_kind == "live":
             reference = objective.LiveReference(_reference_engine(recipe, ds_cfg, device), obj.needs_kl)
         elif obj.ref_kind == "offline":
             reference = cache.Reader(recipe, tok, fingerprint, device)
@@ -256,6 +262,17 @@ def _reference_engine(recipe: C.Recipe, ds_cfg: dict, device: str):
     if why:
         dist.log(why)
     return M.frozen_engine(recipe.model, ds_cfg, whole)
+
+
+def _no_reference_copy(engine, ds_cfg: dict) -> str:
+    """The log line of a LoRA run's live reference: the policy's base, so no second model and its memory saved."""
+    frozen = sum(lora.numel(p) for p in engine.module.parameters() if not p.requires_grad)
+    whole = frozen * ds_config.torch_dtype(ds_cfg).itemsize
+    per_rank = whole / (dist.world_size() if ds_config.zero_stage(ds_cfg) == 3 else 1)
+    return (
+        f"reference: no reference model loaded (LoRA: the reference is this model with its adapters off); "
+        f"saved {whole / 2**20:.2f} MiB of reference weights ({per_rank / 2**20:.2f} MiB per rank)"
+    )
 
 
 def _eval_set(recipe: C.Recipe, obj: objective.Objective, reference, device: str) -> EvalSet:

@@ -39,6 +39,32 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (through PEFT) instead of full-parameter training; r=0 (the default) is off.
+
+    The base weights are frozen and the adapters train. Live-reference methods (DPO, IPO, TDPO) get
+    their reference from the same model with the adapters switched off, so no second model is loaded.
+    """
+
+    r: int = 0
+    """Adapter rank; 0: LoRA off (every weight trains)."""
+    alpha: float = 16.0
+    """Scaling numerator: each adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0 keeps the forward deterministic)."""
+    target_modules: str | list[str] = "all-linear"
+    """all-linear (every Linear of the decoder, not the LM head) or module names such as [q_proj, v_proj]."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (PEFT's modules_to_save), e.g. [embed_tokens]."""
+    quantize: bool | str | None = None
+    """4-bit base weights (QLoRA): not supported (needs bitsandbytes on a GPU); leave null."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The policy (and, at step 0, the reference) model."""
 
@@ -51,6 +77,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     zero_init: bool = True
     """Under ZeRO-3, construct the model partitioned (never whole on one rank)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Train low-rank adapters on the frozen base (model.lora.r > 0); see LoRAConfig."""
 
 
 DataFormat = Literal[
@@ -404,6 +432,43 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append(f"cache.k_cache: {r.cache.k_cache} must be >= sae.k ({s.k})")
     if r.output.resume not in ("auto", "never") and not r.output.resume:
         problems.append("output.resume: use auto, never or a checkpoint path")
+    _check_lora(r.model.lora, problems)
+
+
+# The response log-prob path reads the LM head's weight directly (model.ResponseHead): an adapter
+# or a trained copy there would be skipped.
+LORA_REFUSED_MODULES = ("lm_head",)
+
+
+def _check_lora(lo: LoRAConfig, problems: list[str]) -> None:
+    if lo.quantize not in (None, False):
+        problems.append(
+            f"model.lora.quantize: {lo.quantize!r} is not supported: a 4-bit base (QLoRA) needs bitsandbytes on a "
+            "GPU, which fpo-ds does not test; remove the key (the base then trains LoRA in the run's precision)"
+        )
+    if lo.r < 0:
+        problems.append(f"model.lora.r: must be >= 0 (0: LoRA off), got {lo.r}")
+    if not lo.enabled:
+        return
+    if not (math.isfinite(lo.alpha) and lo.alpha > 0):
+        problems.append(f"model.lora.alpha: must be a finite number > 0, got {lo.alpha}")
+    if not (math.isfinite(lo.dropout) and 0 <= lo.dropout < 1):
+        problems.append(f"model.lora.dropout: must be in [0, 1), got {lo.dropout}")
+    targets = [lo.target_modules] if isinstance(lo.target_modules, str) else list(lo.target_modules)
+    if not targets or any(not t for t in targets):
+        problems.append("model.lora.target_modules: name modules (e.g. [q_proj, v_proj]) or use all-linear")
+    if isinstance(lo.target_modules, str) and lo.target_modules != "all-linear":
+        problems.append(
+            f"model.lora.target_modules: {lo.target_modules!r}: use all-linear or a list of module names "
+            f"(e.g. [{lo.target_modules}])"
+        )
+    for key, names in (("target_modules", targets), ("modules_to_save", lo.modules_to_save)):
+        bad = [n for n in names if n in LORA_REFUSED_MODULES]
+        if bad:
+            problems.append(
+                f"model.lora.{key}: {bad[0]} is not supported: fpo-ds computes log-probs from the LM head's own "
+                "weight, so an adapter on it would be ignored; adapt the decoder's modules instead"
+            )
 
 
 def _check_data(d: DataConfig, method: str, problems: list[str]) -> None:

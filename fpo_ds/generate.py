@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fpo_ds import answer_formats as F
-from fpo_ds import dist
+from fpo_ds import dist, lora
 
 Generate = Callable[[list[list[dict]]], list[tuple[str, int, bool]]]  # conversations -> (text, tokens, finished)
 
@@ -135,14 +135,13 @@ def stop_ids(tokenizer, generation_config) -> list[int]:
 def hf_backend(model_dir: str, s: Settings, device: str, seed: int) -> tuple[Generate, dict]:
     """HF generate, batched and left-padded; returns the generate function and what it recorded."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from fpo_ds import model as M
 
     tok = M.load_tokenizer(model_dir)
     tok.padding_side = "left"
     dtype = torch_dtype(s.dtype, device.startswith("cuda"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = lora.load_causal_lm(model_dir, dtype).to(device).eval()  # a model, or a LoRA adapter on its base
     stop = stop_ids(tok, model.generation_config)
     sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
     torch.manual_seed(seed)
@@ -237,6 +236,13 @@ def run(args: argparse.Namespace, jobs: list, rank: int, world: int, device: str
     """Answer every question file; rank 0 writes them and returns their paths (other ranks: [])."""
     s = settings_of(args)
     backend, why = pick_backend(args.backend, world, device.startswith("cuda"))
+    if backend == "vllm" and lora.is_adapter_dir(args.model_dir):
+        if args.backend == "vllm":
+            raise ValueError(
+                f"--backend vllm: {args.model_dir} is a LoRA adapter; export it merged (fpo-ds export --form merged) "
+                "for vLLM, or use --backend hf (which merges it into its base)"
+            )
+        backend, why = "hf", f"{args.model_dir} is a LoRA adapter: using HF generate (merged into its base)"
     dist.log(why)
     if backend == "vllm":
         gen, recorded = vllm_backend(args.model_dir, s)

@@ -224,7 +224,7 @@ def check_model_path(name_or_path: str) -> None:
             f"model.name_or_path: {name_or_path} does not exist under {Path.cwd()} (a local directory was "
             f"expected): pass model.name_or_path=<save_pretrained directory or hub id>. {WORLD_HINT}"
         )
-    if p.is_dir() and not (p / "config.json").is_file():
+    if p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise FileNotFoundError(f"model.name_or_path: {name_or_path} has no config.json (not a save_pretrained dir)")
 
 

@@ -7,6 +7,7 @@ offline cache; None for SFT/SimPO) and returns losses.LossOut. Sequences are ord
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -34,13 +35,20 @@ class Objective(NamedTuple):
 
 
 class LiveReference:
-    """The reference model run beside the policy each step (a frozen engine, no gradients)."""
+    """The reference model run beside the policy each step (no gradients).
 
-    def __init__(self, engine, needs_kl: bool):
-        self.engine, self.needs_kl = engine, needs_kl
+    A frozen engine of its own; or, with LoRA (`adapters_off`), the policy's engine with its
+    adapters switched off: the base model, without a second copy of its weights.
+    """
+
+    def __init__(self, engine, needs_kl: bool, adapters_off: bool = False):
+        self.engine, self.needs_kl, self.adapters_off = engine, needs_kl, adapters_off
 
     def __call__(self, batch: Batch) -> RefOut:
-        with torch.no_grad():
+        from fpo_ds import lora
+
+        base = lora.adapters_off(self.engine.module) if self.adapters_off else contextlib.nullcontext()
+        with torch.no_grad(), base:
             out = sequence_logps(self.engine, batch, keep_hidden=self.needs_kl)
         return RefOut(out.sum_logps, out.sum_logps / out.n_tokens, out.ref_head)
 

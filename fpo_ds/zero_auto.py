@@ -21,6 +21,9 @@ Per rank (w: 2 bytes per parameter in bf16, 4 in fp32):
                        tokens x hidden x (2 x layers + ACT_BYTES_PER_H) (x w / 2)
     logits             one LM-head chunk: min(LOGIT_CHUNK, tokens) x vocab x 12 bytes
 
+With LoRA (model.lora) only the T adapter parameters train: weights (P + T) x w, gradients T x w,
+optimizer states T x (8 + m), and no live reference (the base with its adapters off is the reference).
+
 Memory is the accelerator's (CUDA: the device's total), on the CPU accelerator the host's RAM
 shared by the node's ranks. Precision: bf16 where the accelerator supports it, fp32 on the CPU.
 Buckets: DeepSpeed's defaults (5e8 elements) size buffers for billion-parameter models; auto caps
@@ -88,33 +91,42 @@ def model_facts(model_cfg) -> ModelFacts:
     return ModelFacts(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size)
 
 
-def rank_bytes(recipe, facts: ModelFacts, world: int, item: int, stage: int) -> dict[str, int]:
-    """Per-rank peak items at ZeRO `stage` 0 or 2 (module docstring); `item`: bytes per parameter (2 or 4)."""
+def rank_bytes(recipe, facts: ModelFacts, world: int, item: int, stage: int, trainable: int | None = None) -> dict:
+    """Per-rank peak items at ZeRO `stage` 0 or 2 (module docstring); `item`: bytes per parameter (2 or 4).
+
+    `trainable`: the LoRA adapters' parameter count (None: every parameter trains).
+    """
     from fpo_ds.losses import LOGIT_CHUNK
 
     p = facts.params
+    t = p if trainable is None else trainable
     master = 4 if item == 2 else 0
     tokens = 2 * recipe.train.micro_batch_size * recipe.data.max_length
-    per_layer = 2 * facts.layers + ACT_BYTES_PER_H if recipe.model.gradient_checkpointing else (
-        ACT_BYTES_PER_H * facts.layers
+    per_layer = (
+        2 * facts.layers + ACT_BYTES_PER_H if recipe.model.gradient_checkpointing else (ACT_BYTES_PER_H * facts.layers)
     )
     out = {
-        "weights": p * item,
-        "gradients": p * item,
-        "optimizer": p * (8 + master) // (world if stage else 1),
+        "weights": (p if trainable is None else p + t) * item,
+        "gradients": t * item,
+        "optimizer": t * (8 + master) // (world if stage else 1),
         "activations": tokens * facts.hidden * per_layer * item // 2,
         "logits": min(LOGIT_CHUNK, tokens) * facts.vocab * 12,
     }
     method, live = recipe.loss.method, recipe.loss.reference == "live"
-    if method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live):
+    if trainable is None and (method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live)):
         out["reference"] = p * item
     return out
 
 
-def choose(recipe, facts: ModelFacts, world: int, memory_bytes: int, bf16: bool) -> Choice:
-    """The first of stage 0, ZeRO-2 whose per-rank peak fits in FIT_FRACTION of `memory_bytes`; else ZeRO-3."""
+def choose(
+    recipe, facts: ModelFacts, world: int, memory_bytes: int, bf16: bool, trainable: int | None = None
+) -> Choice:
+    """The first of stage 0, ZeRO-2 whose per-rank peak fits in FIT_FRACTION of `memory_bytes`; else ZeRO-3.
+
+    `trainable`: LoRA's adapter parameter count (None: full-parameter training).
+    """
     item = 2 if bf16 else 4
-    need = {stage: sum(rank_bytes(recipe, facts, world, item, stage).values()) for stage in (0, 2)}
+    need = {stage: sum(rank_bytes(recipe, facts, world, item, stage, trainable).values()) for stage in (0, 2)}
     stage = next((st for st in (0, 2) if need[st] <= FIT_FRACTION * memory_bytes), 3)
     bucket = int(min(DEFAULT_BUCKET, max(facts.params, 1)))
     zero: dict = {"stage": stage}
@@ -131,7 +143,8 @@ def choose(recipe, facts: ModelFacts, world: int, memory_bytes: int, bf16: bool)
     gib, limit = 2**30, FIT_FRACTION * memory_bytes
     name = {0: "stage 0 (data parallel, no ZeRO)", 2: "ZeRO-2", 3: "ZeRO-3"}[stage]
     reason = (
-        f"deepspeed.config=auto: {name}, {'bf16' if bf16 else 'fp32'}: {facts.params:,} parameters need "
+        f"deepspeed.config=auto: {name}, {'bf16' if bf16 else 'fp32'}: {facts.params:,} parameters"
+        f"{f' ({trainable:,} of them LoRA adapters that train)' if trainable is not None else ''} need "
         f"~{need[0] / gib:.2f} GiB per rank whole, ~{need[2] / gib:.2f} GiB under ZeRO-2; "
         f"{FIT_FRACTION:.0%} of {memory_bytes / gib:.1f} GiB per rank is {limit / gib:.1f} GiB"
     )
@@ -175,4 +188,9 @@ def resolve(recipe, world: int, local_world: int) -> Choice:
     acc = get_accelerator()
     name = acc.device_name()
     bf16 = name != "cpu" and acc.is_bf16_supported()
-    return choose(recipe, model_facts(recipe.model), world, rank_memory(name, local_world), bf16)
+    trainable = None
+    if recipe.model.lora.enabled:
+        from fpo_ds import lora
+
+        trainable = lora.count_trainable(recipe.model)
+    return choose(recipe, model_facts(recipe.model), world, rank_memory(name, local_world), bf16, trainable)

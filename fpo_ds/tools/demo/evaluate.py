@@ -22,9 +22,10 @@ from fpo_ds import model as M
 
 
 def load_model(path: str | Path):
-    from transformers import AutoModelForCausalLM
+    """A model directory, or a LoRA adapter directory (merged into the base its config names)."""
+    from fpo_ds import lora
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return lora.load_causal_lm(path, torch.float32).eval()
 
 
 def _batches(items: list, size: int):

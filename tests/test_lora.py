@@ -1,0 +1,114 @@
+"""LoRA in one process: the model.lora block, PEFT wrapping, the adapters-off reference, auto's memory."""
+
+import pytest
+import torch
+
+from fpo_ds import config as C
+from fpo_ds import lora, zero_auto
+
+BASE = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, "loss": {"method": "dpo"}}
+
+
+def _recipe(**lora_keys) -> C.Recipe:
+    return C.from_dict({**BASE, "model": {"name_or_path": "m", "lora": lora_keys}})
+
+
+def test_lora_block_validates_strictly():
+    r = _recipe(r=8, target_modules="all-linear")
+    assert r.model.lora.enabled and r.model.lora.alpha == 16.0
+    assert not C.from_dict(BASE).model.lora.enabled  # off by default
+    assert _recipe(r=8, target_modules=["q_proj", "v_proj"]).model.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(C.ConfigError) as e:
+        _recipe(
+            r=-1, rank=4, alpha=0, dropout=1.0, quantize="4bit", target_modules="q_proj", modules_to_save=["lm_head"]
+        )
+    text = str(e.value)
+    for want in (
+        "model.lora.rank: unknown key",
+        "model.lora.r: must be >= 0",
+        "model.lora.quantize: '4bit' is not supported: a 4-bit base (QLoRA) needs bitsandbytes on a GPU",
+    ):
+        assert want in text, text
+    with pytest.raises(C.ConfigError) as e:
+        _recipe(r=4, alpha=0, dropout=1.0, target_modules="q_proj", modules_to_save=["lm_head"])
+    text = str(e.value)
+    assert "model.lora.modules_to_save: lm_head is not supported" in text
+    assert "model.lora.alpha: must be a finite number > 0" in text
+    assert "model.lora.dropout: must be in [0, 1)" in text
+    assert "model.lora.target_modules: 'q_proj': use all-linear or a list of module names (e.g. [q_proj])" in text
+    with pytest.raises(C.ConfigError, match="QLoRA"):
+        _recipe(quantize=True)  # refused even with LoRA off
+
+
+def test_lora_changes_are_refused_on_resume():
+    from fpo_ds import checkpoint
+
+    refused, _ = checkpoint.recipe_changes(C.to_dict(_recipe(r=8)), C.to_dict(_recipe(r=16)))
+    assert "model.lora.r" in refused
+
+
+def test_adapters_off_is_the_base_model_and_only_adapters_train(world):
+    from transformers import AutoModelForCausalLM
+
+    from fpo_ds import data
+    from fpo_ds import model as M
+
+    base = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)
+    cfg = _recipe(r=4, target_modules=["q_proj", "down_proj"], modules_to_save=["norm"]).model.lora
+    lora.wrap(lm, cfg)
+    train = lora.trainable(lm)
+    assert train and all(".lora_" in n or "modules_to_save" in n for n in train)
+    assert any("norm.modules_to_save" in n for n in train)
+    assert sum(p.numel() for p in train.values()) == lora.count_trainable(_recipe_for(world, cfg).model)
+    for p in train.values():  # make the adapters do something
+        torch.nn.init.normal_(p, std=0.1)
+    tok = M.load_tokenizer(str(world / "model"))
+    pairs, _ = data.load_pairs(_recipe_for(world, cfg).data, tok)
+    batch = data.collate(pairs[:2], tok.pad_token_id)
+    with torch.no_grad():
+        want = M.sequence_logps(base, batch).sum_logps
+        with lora.adapters_off(lm):
+            off = M.sequence_logps(lm, batch).sum_logps
+        on = M.sequence_logps(lm, batch).sum_logps
+    torch.testing.assert_close(off, want, rtol=0, atol=1e-5)
+    assert (on - want).abs().max() > 1e-3
+    assert lora.trainable(lm).keys() == train.keys()  # the switch restores requires_grad
+    tied = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)
+    with pytest.raises(ValueError, match="embed_tokens is tied to the LM head"):
+        lora.wrap(tied, _recipe(r=4, modules_to_save=["embed_tokens"]).model.lora)
+
+
+def _recipe_for(world, lora_cfg) -> C.Recipe:
+    import dataclasses
+
+    raw = {**BASE, "model": {"name_or_path": str(world / "model"), "lora": dataclasses.asdict(lora_cfg)}}
+    raw["data"] = {"path": str(world / "data" / "train.jsonl"), "max_length": 48, "max_prompt_length": 24}
+    return C.from_dict(raw)
+
+
+def test_auto_counts_lora_memory():
+    facts = zero_auto.ModelFacts(params=9_000_000_000, hidden=3584, layers=42, vocab=256_000)
+    r = C.from_dict({**BASE, "train": {"micro_batch_size": 1}, "data": {"path": "d.jsonl", "max_length": 1024}})
+    full = zero_auto.rank_bytes(r, facts, 8, 2, 0)
+    adapters = 54_000_000
+    lo = zero_auto.rank_bytes(r, facts, 8, 2, 0, trainable=adapters)
+    assert full["reference"] == 18_000_000_000 and "reference" not in lo  # no second copy with LoRA
+    assert lo["gradients"] == adapters * 2 and lo["optimizer"] == adapters * 12
+    assert lo["weights"] == (9_000_000_000 + adapters) * 2
+    # 80 GB: full-parameter DPO needs ZeRO-3 on 8 GPUs; with LoRA the 9B model fits whole (stage 0)
+    assert zero_auto.choose(r, facts, 8, 80 * 10**9, True).systems["zero_optimization"]["stage"] == 3
+    choice = zero_auto.choose(r, facts, 8, 80 * 10**9, True, trainable=adapters)
+    assert choice.systems["zero_optimization"]["stage"] == 0
+    assert "54,000,000 of them LoRA adapters" in choice.reason
+
+
+def test_cache_fingerprint_ignores_lora(tokenizer):
+    from fpo_ds import cache
+
+    plain = C.from_dict({**BASE, "loss": {"method": "dpo", "reference": "offline"}, "cache": {"dir": "c"}})
+    with_lora = C.from_dict(
+        {**BASE, "model": {"name_or_path": "m", "lora": {"r": 8}}, "loss": {"method": "dpo", "reference": "offline"}}
+        | {"cache": {"dir": "c"}}
+    )
+    assert cache.fingerprints(plain, tokenizer, "fp") == cache.fingerprints(with_lora, tokenizer, "fp")
