@@ -212,6 +212,9 @@ def _hold_out(rows, d, src: S.Source) -> dict:
 
 def _mix(d, srcs: list[S.Source], part: Part) -> list[Selection]:
     loaded = [S.load(s) for s in srcs]
+    for src, rows in zip(srcs, loaded):
+        if len(rows) == 0:
+            raise ValueError(f"{src.key}.path: {src.label} has no rows; point it at data or drop it from data.mix")
     parts = [_hold_out(r, d, s) if d.eval_fraction else {"train": r} for r, s in zip(loaded, srcs)]
     counts = S.mix_counts([len(p["train"]) for p in parts], srcs, d.max_samples)
     out = []

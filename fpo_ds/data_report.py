@@ -103,6 +103,10 @@ def report(recipe: C.Recipe, show: int, world: int, say=print) -> dict:
         say(line)
     say(truncation(kept_all))
     say(padding(loaded.pairs, recipe.train, world))
+    if data.has_eval(recipe.data):
+        held = data.load(recipe.data, tok, "eval", lambda message: None, prepare)
+        dropped = sum(d["rows"] for s in held.sources for d in s["dropped"].values())
+        say(f"held-out: {len(held.pairs)} pairs of {data.rows_source(recipe.data, 'eval')} ({dropped} rows dropped)")
     for pair in loaded.pairs[:show]:
         say("")
         for line in render(tok, pair):

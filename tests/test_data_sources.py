@@ -138,6 +138,8 @@ def test_mixture_is_seeded_counts_and_weights_and_holds_out_per_source(tmp_path)
     cfg = C.DataConfig(mix=mix, seed=3)
     # weights 2:1, scarcest source b (6 rows) allows 6 * 3/1 = 18 in all: 12 from a, 6 from b
     assert [len(s.rows) for s in D.select(cfg)] == [12, 6]
+    capped = C.DataConfig(mix=mix, seed=3, max_samples=9)
+    assert [len(s.rows) for s in D.select(capped)] == [6, 3]  # data.max_samples caps the total, shares kept
     counted = C.DataConfig(mix=[C.MixSource(path=a, count=5), C.MixSource(path=b, count=9)], seed=3)
     sel = D.select(counted)
     assert [len(s.rows) for s in sel] == [5, 9]  # 9 of 6 rows: each once, then 3 again
