@@ -80,6 +80,7 @@ DELEGATED = {
     "generate": "fpo_ds.generate",
     "compare-report": "fpo_ds.tools.comparison.report",
     "data": "fpo_ds.data_report",
+    "launch": "fpo_ds.launch",
 }
 
 
@@ -105,11 +106,12 @@ def _run(argv: list[str]) -> int:
     if argv[:1] and argv[0] in DELEGATED:  # entry points with their own argument parsers
         import importlib
 
-        importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
-        return 0
+        code = importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
+        return code if isinstance(code, int) else 0
     p = argparse.ArgumentParser(prog="fpo-ds", description="FPO and DPO-family preference training on DeepSpeed")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train", help="train a recipe (run under torchrun / deepspeed / srun)")
+    sub.add_parser("train", help="train a recipe (run under fpo-ds launch / torchrun / deepspeed / srun)")
+    sub.add_parser("launch", help="torchrun for train, build-cache, generate: one message per failure, 75 if preempted")
     sub.add_parser("build-cache", help="run the reference once and write the offline cache (same launchers)")
     sub.add_parser("demo", help="the whole pipeline on the embedded tiny world (CPU, minutes)")
     sub.add_parser("bench", help="step time / memory of every method side by side, ratios to SimPO")

@@ -29,7 +29,8 @@ CPU_ADAM_OP = "cpu_adam"  # DeepSpeed's CPU Adam, built at the first run that of
 CPU_ADAM_BUILD = "~1-3 min on 2 CPU cores"  # measured cold: 73 s idle, 175 s with the cores busy
 
 
-_PARENT = os.getppid()  # the launcher that started this process (read at import, before any wait)
+LAUNCHER_PID_VAR = "FPO_DS_LAUNCHER_PID"  # set by `fpo-ds launch`: the process its ranks must not outlive
+FAILED_KEY = "fpo_ds/failed"  # in the process group's store: "<rank> <exit code>" of the first rank to fail
 
 
 class Topology(NamedTuple):
@@ -244,16 +245,83 @@ def report_failures() -> None:
     sys.excepthook = _report_failure
 
 
+def _exit(code: int) -> None:
+    """Leave now, output flushed; no interpreter teardown (a gloo thread can abort it, see shutdown)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _met() -> bool:
+    """Whether torch.distributed is up with peers (the ranks have met)."""
+    tdist = sys.modules.get("torch.distributed")
+    return tdist is not None and tdist.is_available() and tdist.is_initialized() and world_size() > 1
+
+
+def first_to_fail(code: int) -> tuple[bool, int]:
+    """Fail together: record this rank's failure in the process group's store.
+
+    Returns whether this rank is the first of the job to fail (it alone speaks) and the exit code
+    of that first failure (every rank exits with it). A failing rank records itself before it
+    exits, and its peers only notice it (a closed connection) after that, so a peer always finds
+    the record. When the store is gone, so is the rank that hosted it, after recording its own
+    failure: this rank stays quiet. Ranks other than 0 wait half a second first, so a mistake seen
+    by every rank at once is told by rank 0.
+    """
+    if not _met():
+        return True, code
+    import torch.distributed as tdist
+
+    mine = f"{rank()} {code}"
+    try:
+        store = tdist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))
+        if rank() != 0:
+            time.sleep(0.5)
+        got = store.compare_set(FAILED_KEY, "", mine)
+    except Exception:  # noqa: BLE001 - the store left with its host
+        return False, code
+    got = got.decode() if isinstance(got, bytes) else str(got)
+    first = got == mine
+    return first, code if first else int(got.split()[-1])
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo/NCCL), not because of this rank."""
+    text = f"{type(exc).__name__}: {exc}"
+    signs = ("Connection closed by peer", "Connection reset by peer", "DistBackendError", "NCCL", "gloo", "Broken pipe")
+    return any(s in text for s in signs)
+
+
+def stop_now(code: int, message: str) -> None:
+    """Exit at once with `code`: this rank says `message` unless another rank failed first (then it is quiet)."""
+    first, code = first_to_fail(code)
+    if first:
+        os.write(2, f"[{socket.gethostname()} rank {rank()}] {message}\n".encode())  # safe inside a signal handler
+    os._exit(code)
+
+
 def _report_failure(exc_type, exc, tb) -> None:
     if issubclass(exc_type, PeerFailed):
-        sys.exit(1)  # rank 0 printed the paragraph
-    tdist = sys.modules.get("torch.distributed")
-    met = tdist is not None and tdist.is_available() and tdist.is_initialized()
+        _exit(1)  # rank 0 printed the paragraph
+    met = _met()
     if issubclass(exc_type, USER_ERRORS) and not met and launcher_rank() != 0:
         sys.exit(1)  # a mistake found before the ranks met (e.g. the recipe) is the same on every rank: rank 0 says it
+    first, code = first_to_fail(1)
+    if not first:
+        _exit(code)  # another rank failed first and said why; this rank's error is its echo
+    if met and _lost_peer(exc):
+        line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc_type.__name__
+        log_all(
+            "FAILED: another rank stopped without a word (killed, or out of memory?); the launcher's log names it. "
+            f"Here: {line}"
+        )
+        _exit(code)
     log_all(f"FAILED: {exc_type.__name__}: {exc}")
     if not issubclass(exc_type, USER_ERRORS) or os.environ.get("FPO_DS_TRACEBACK") == "1":
         traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+    if met:
+        _exit(code)
 
 
 def extensions_dir() -> Path:
@@ -341,7 +409,7 @@ def init(timeout_minutes: int) -> Topology:
     )
     if tdist.is_initialized():
         return topo
-    _die_with_launcher(topo)
+    die_with_launcher()  # armed at import already (fpo_ds/__init__.py); again for a process that imported otherwise
     skip_shm_comm()
     deepspeed.init_distributed(
         dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False
@@ -360,19 +428,36 @@ def init(timeout_minutes: int) -> Topology:
     return topo
 
 
-def _die_with_launcher(topo: Topology) -> None:
+def launched(env: dict | None = None) -> bool:
+    """Whether a launcher started this process (torchrun, deepspeed, srun, mpirun), from its variables alone."""
+    env = os.environ if env is None else env
+    return (
+        ("RANK" in env and "WORLD_SIZE" in env)
+        or ("SLURM_PROCID" in env and "SLURM_STEP_ID" in env)
+        or any(v in env for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    )
+
+
+def die_with_launcher() -> None:
     """Under a launcher, this rank is killed when the launcher dies (kill -9 included): no orphan outlives its job.
 
-    Linux's parent-death signal; a rank started by hand (no launcher) is left alone, so nohup still works.
+    Linux's parent-death signal, armed when fpo_ds is first imported (a few hundred milliseconds
+    after the launcher starts the rank, before torch is imported and long before any rendezvous
+    wait). A launcher that died even earlier is noticed at arming: the parent is then init (pid
+    1), or not the `fpo-ds launch` process that started the rank. A rank started by hand (no
+    launcher) is left alone, so nohup still works.
     """
-    if topo.source == "single process" or not sys.platform.startswith("linux"):
+    if not launched() or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != _PARENT:  # the launcher died before the signal was armed
+    expected = os.environ.pop(LAUNCHER_PID_VAR, None)  # for the rank only, not the processes it starts
+    parent = os.getppid()
+    if parent == 1 or (expected and expected.isdigit() and int(expected) != parent):
+        os.write(2, b"fpo-ds: the launcher of this rank is gone; exiting\n")
         os._exit(1)
 
 

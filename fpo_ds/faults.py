@@ -5,6 +5,7 @@
   nan_loss@STEPS     rank 1 (rank 0 in a 1-rank run) makes its loss NaN at those optimizer steps
   nan_grad@STEPS     the same rank makes its gradients NaN (the loss stays finite)
   die_in_save@STEP   every rank exits abruptly (like kill -9) inside the checkpoint save of that step
+  fail@STEP          the same rank raises an error as that step starts (one rank fails, its peers wait)
 
 Unset (always, outside tests) it does nothing. Steps count from 1, as in the logs.
 """
@@ -18,7 +19,7 @@ from fpo_ds import dist
 
 Poison = Literal["loss", "gradient"]
 VAR = "FPO_DS_FAULT"
-KINDS = ("nan_loss", "nan_grad", "die_in_save")
+KINDS = ("nan_loss", "nan_grad", "die_in_save", "fail")
 
 
 def _steps(kind: str) -> set[int]:
@@ -33,9 +34,11 @@ def _steps(kind: str) -> set[int]:
 
 
 def poison(step: int) -> Poison | None:
-    """What to poison on this rank at optimizer step `step` (1-based), if anything."""
+    """What to poison on this rank at optimizer step `step` (1-based), if anything (or fail here)."""
     if dist.rank() != min(1, dist.world_size() - 1):
         return None
+    if step in _steps("fail"):
+        raise OSError(f"{VAR}: injected failure of rank {dist.rank()} at step {step} (as a read error would)")
     if step in _steps("nan_grad"):
         return "gradient"
     return "loss" if step in _steps("nan_loss") else None

@@ -201,7 +201,9 @@ def write_answers(path: Path, text: str, settings: dict) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fpo-ds generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="a Hugging Face model directory with a chat template (e.g. from fpo-ds export)")
+    p.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory with a chat template (fpo-ds export)"
+    )
     p.add_argument("--format", action="append", required=True, choices=F.FORMATS, help="repeat, one per --questions")
     p.add_argument("--questions", action="append", required=True, help="the benchmark's question file (repeat)")
     p.add_argument("--out", required=True, help="directory; answers go to <out>/<benchmark layout>/...")
@@ -220,6 +222,37 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not args.model_id or any(c in args.model_id for c in "/\\ "):
         p.error(f"--model-id {args.model_id!r}: a file name (the answer files are named after it): no '/', '\\', ' '")
     return args
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Before any model loads: MODEL_DIR is a model directory (or a hub id) and --out is writable.
+
+    Errors name generate's own arguments. Every rank checks (cheap), before the ranks meet, so
+    rank 0 alone reports it.
+    """
+    model, p = args.model_dir, Path(args.model_dir)
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or p.exists():  # a path, not a hub id
+        if not p.is_dir():
+            raise FileNotFoundError(
+                f"MODEL_DIR: {model} is not a directory (under {Path.cwd()}); pass the Hugging Face model directory "
+                "to answer with, e.g. one written by `fpo-ds export CHECKPOINT OUT`"
+            )
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(
+                f"MODEL_DIR: {model} has no config.json: not a Hugging Face model directory (a checkpoint step "
+                "directory needs `fpo-ds export` first)"
+            )
+    out = Path(args.out)
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"--out: cannot write in {out} ({e.strerror or type(e).__name__}); pick a writable --out "
+            "(checked before the model loads, so no answer is lost)"
+        ) from None
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -247,7 +280,12 @@ def run(args: argparse.Namespace, jobs: list, rank: int, world: int, device: str
     if backend == "vllm":
         gen, recorded = vllm_backend(args.model_dir, s)
     else:
-        gen, recorded = hf_backend(args.model_dir, s, device, seed=s.seed + rank)
+        try:
+            gen, recorded = hf_backend(args.model_dir, s, device, seed=s.seed + rank)
+        except (OSError, ValueError) as e:  # the model loader speaks of a recipe's key; generate has MODEL_DIR
+            if "model.name_or_path" not in str(e):
+                raise
+            raise type(e)(str(e).replace("model.name_or_path", "MODEL_DIR")) from None
     written, commands = [], []
     for fmt, qpath, questions in jobs:
         t0 = time.perf_counter()
@@ -287,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.report_failures()
     args = parse(argv)
     jobs = read_jobs(args)  # before any model loads
+    check_paths(args)
     topo = dist.discover()
     import torch
 

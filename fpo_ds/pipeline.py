@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.log(f"{what} {stage.get('overrides', [])}")
         result = run_stage(stage)
         if isinstance(result, train.Result) and result.preempted:
-            code = train.Preemption.EXIT_REQUEUE
+            code = result.exit_code
             break
     dist.shutdown(code)
 

@@ -1,9 +1,11 @@
 """A run directory has one writer, and a new run never destroys an old one.
 
 - `claim(path, key)`: rank 0 takes an exclusive lock (POSIX `lockf`, which shared filesystems
-  honour) on `<path>.lock`, beside the directory, for the whole run. A second job on the same
-  directory gets one paragraph naming the holder (host, pid, Slurm job) and changes nothing. The
-  kernel drops the lock when its process dies, so a stale lock file is simply taken over.
+  honour) on `<real path>.lock`, beside the directory, for the whole run. The lock is keyed by the
+  directory's resolved real path, so a second name for it (a symlink, `..`) meets the same lock.
+  A second job on the same directory gets one paragraph naming the holder (host, pid, Slurm job)
+  and changes nothing. The kernel drops the lock when its process dies, so a stale lock file is
+  taken over, with a note; a holder that ended normally cleared its record, so no note follows.
 - `prepare(output_cfg)`: `output.resume=never` in a directory that holds a run is refused unless
   `output.overwrite=true`, which moves the old run aside (`<dir>.replaced-<time>`), never deletes it.
 - `repair_metrics(path, step)`: a torn last line (a crash mid-write) is dropped on resume, with a note.
@@ -43,15 +45,26 @@ class Lock:
         self.f = f
 
     def release(self) -> None:
+        """Clear the holder record (the next run takes over silently), then unlock."""
         if self.f in _HELD:
             _HELD.remove(self.f)
-        self.f.close()
+        if not self.f.closed:
+            with contextlib.suppress(OSError):
+                self.f.seek(0)
+                self.f.truncate()
+                self.f.flush()
+            self.f.close()
 
 
 def claim(path: str | Path, key: str) -> Lock:
-    """Take the run lock of directory `path` (config key `key` names it in errors). Rank 0 only."""
-    path = Path(path)
+    """Take the run lock of directory `path` (config key `key` names it in errors). Rank 0 only.
+
+    The lock file sits beside the directory's real path: every name of one directory shares one lock.
+    """
+    given = Path(path)
+    path = Path(os.path.realpath(given))
     lock = path.with_name(path.name + ".lock")
+    shown = str(given) if path == given.absolute() else f"{given} (real path {path})"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock, "a+")
@@ -66,14 +79,14 @@ def claim(path: str | Path, key: str) -> Lock:
         who = json.loads(held) if held.startswith("{") else {}
         job = f", Slurm job {who['slurm_job']}" if who.get("slurm_job") else ""
         raise OSError(
-            f"{key}: {path} is in use by another run (host {who.get('host', '?')}, pid {who.get('pid', '?')}{job}, "
+            f"{key}: {shown} is in use by another run (host {who.get('host', '?')}, pid {who.get('pid', '?')}{job}, "
             f"since {who.get('since', '?')}: {who.get('command', '')}). Two jobs writing one directory corrupt each "
             f"other; nothing was changed. Wait for it, stop it, or pick another {key}"
         ) from None
     f.seek(0)
     previous = f.read().strip()
     if previous:
-        dist.log(f"{key}: took over the lock of {path} from a process that is gone ({previous[:200]})")
+        dist.log(f"{key}: took over the lock of {shown} from a process that is gone ({previous[:200]})")
     f.seek(0)
     f.truncate()
     f.write(json.dumps(_holder()))
@@ -88,7 +101,13 @@ def exclusive(claim_on_rank0):
 
     A user error in it is printed once, by rank 0; the other ranks exit quietly (dist.on_rank0).
     """
-    lock = dist.on_rank0(claim_on_rank0)
+    before = list(_HELD)
+    try:
+        lock = dist.on_rank0(claim_on_rank0)
+    except BaseException:  # refused after the lock was taken (e.g. resume=never over a run): free it, cleared
+        for f in [f for f in _HELD if f not in before]:
+            Lock(f).release()
+        raise
     try:
         yield
     finally:

@@ -165,20 +165,38 @@ DONE = "DONE.json"  # written last by a run that reached its final step
 
 
 class Preemption:
-    """Stop cleanly on SIGUSR1 (Slurm's --signal, before the time limit) or SIGTERM (preemption).
+    """Stop cleanly on SIGUSR1 (Slurm's --signal, before the time limit), SIGTERM (preemption) or SIGINT (Ctrl-C).
 
-    The current step finishes, every rank checkpoints, and the process exits with EXIT_REQUEUE.
+    Installed once the ranks have met (before that the signals keep their default effect, so a
+    rendezvous wait ends at once). During set-up there is nothing to save: the rank exits at once.
+    During training the current step finishes, every rank checkpoints, and the process exits with
+    EXIT_REQUEUE (75), or EXIT_INTERRUPTED (130) after Ctrl-C. A second Ctrl-C, a second or more
+    after the first (torchrun forwards the terminal's one to its ranks within milliseconds), exits
+    at once, without a checkpoint.
     """
 
     EXIT_REQUEUE = 75  # EX_TEMPFAIL: slurm/train.sh requeues the job on this code
+    EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C: stopped by the user, checkpoint saved
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.training = False  # set when the first step starts; before it a signal exits at once
+        self._first = 0.0
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._catch)
 
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_INTERRUPTED if self.signal == "SIGINT" else self.EXIT_REQUEUE
+
     def _catch(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.signal is None:
+            self.signal, self._first = name, now
+            if not self.training:
+                dist.stop_now(self.exit_code, f"{name} during set-up: nothing to save yet; exiting ({self.exit_code})")
+        elif name == "SIGINT" and now - self._first > 1.0:
+            dist.stop_now(self.EXIT_INTERRUPTED, "second Ctrl-C: exiting at once, without a checkpoint")
 
 
 def _gather_lists(items: list) -> list[list]:
@@ -191,12 +209,13 @@ class Result(NamedTuple):
     history: list[dict]  # this run's step metrics (identical on every rank)
     components: Components
     preempted: bool
+    exit_code: int = 0  # Preemption.EXIT_REQUEUE / EXIT_INTERRUPTED when stopped early by a signal
 
 
 def run(recipe: C.Recipe) -> Result:
     """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
-    stop = Preemption()
     dist.init(recipe.deepspeed.timeout_minutes)
+    stop = Preemption()  # after the rendezvous: a signal during that wait ends the process at once
     with rundir.exclusive(lambda: _claim(recipe)):
         return _run(recipe, stop)
 
@@ -271,6 +290,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
         base = evaluation.evaluate(c)
         dist.log(metrics.eval_line(0, base))
         writer.write(0, base, start)
+    stop.training = True
     for step in range(start, c.total_steps):
         m, skipped, reason, preempted = train_step(c, step, lengths, stop)
         bad_run = bad_run + 1 if skipped else 0
@@ -296,7 +316,11 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
             client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size, "num_tokens": num_tokens}
             saved = checkpoint.save(c.engine, recipe, done, client, c.engine.module.config, c.tokenizer)
         if preempted:
-            dist.log(f"preempted ({stop.signal or 'signal on another rank'}) after step {done}: checkpoint saved")
+            how = "interrupted" if stop.signal == "SIGINT" else "preempted"
+            dist.log(
+                f"{how} ({stop.signal or 'signal on another rank'}) after step {done}: checkpoint saved; "
+                f"exit code {stop.exit_code}"
+            )
             break
     writer.close()
     summary = metrics.run_summary(history, time.time() - t_start, saved, recipe.output)
@@ -304,7 +328,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
     if not preempted and dist.rank() == 0:
         done_info = {"steps": c.total_steps, "summary": summary, **rundir.versions()}
         (Path(recipe.output.dir) / DONE).write_text(json.dumps(done_info))
-    return Result(history, c, preempted)
+    return Result(history, c, preempted, stop.exit_code if preempted else 0)
 
 
 def _eval_due(t: C.TrainConfig, done: int, total: int, held_out) -> bool:
@@ -326,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.report_failures()
     recipe = C.load(args.recipe, args.overrides)
     result = run(recipe)
-    dist.shutdown(Preemption.EXIT_REQUEUE if result.preempted else 0)
+    dist.shutdown(result.exit_code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -205,8 +206,11 @@ def test_second_job_is_refused_and_ranks_die_with_their_launcher(world, tmp_path
     out = tmp_path / "busy"
     first = _long_run(world, out, 29711, logged=1)
     t0 = time.time()
-    text = _train(world, out, "train.lr=0.5", "data.seed=3", port=29712, ok=False)
-    assert "is in use by another run (host" in text and "nothing was changed" in text, text[-3000:]
+    link = tmp_path / "link"
+    link.symlink_to(out)  # another name for the busy directory: the lock is keyed by the real path
+    text = _train(world, link, "train.lr=0.5", "data.seed=3", port=29712, ok=False)
+    assert f"{link} (real path {out}) is in use by another run (host" in text, text[-3000:]
+    assert "nothing was changed" in text
     assert re.search(r"pid \d+", text)
     assert time.time() - t0 < 90 and (out / "recipe.yaml").read_text().count("lr: 0.001") == 1
     assert first.poll() is None  # the first job runs on
@@ -246,6 +250,7 @@ def test_a_new_run_never_destroys_an_old_one(world, uninterrupted, tmp_path):
     text = _train(world, out, "output.resume=never", port=29716, ok=False)
     assert "holds a run" in text and "output.overwrite=true" in text
     text = _train(world, out, "output.resume=never", "output.overwrite=true", "train.max_steps=2", port=29717)
+    assert "took over the lock" not in text  # the refused run above released its lock cleanly
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000006" / "COMPLETE.json").is_file()
     assert sorted(_losses(out)) == [1, 2] and (out / "checkpoints" / "latest").read_text() == "step_00000002"
@@ -290,3 +295,104 @@ def test_a_recipe_mistake_is_one_paragraph_from_one_rank(world, tmp_path):
     assert text.count("] FAILED: ConfigError") == 1, text[-3000:]  # rank 0 only; rank 1 exits quietly
     assert "loss.betta: unknown key (did you mean loss.beta?)" in text and "train.max_steps: must be >= 1" in text
     assert "fpo_ds/" not in text.split("] FAILED:")[-1]  # no traceback through our code
+
+
+def _launch(world, out: Path, *extra: str, port: int) -> list[str]:
+    """`fpo-ds launch` of a 2-rank training (the wrapper around torchrun users are pointed to)."""
+    return [str(Path(sys.executable).parent / "fpo-ds"), "launch", "--nproc_per_node", "2", "--master_port", str(port),
+            "train", *_args(world, out, *extra)[2:]]  # fmt: skip
+
+
+def test_one_rank_failing_is_one_paragraph_and_its_peer_exits_quietly(world, tmp_path):
+    """After the ranks met, rank 1 fails alone (as a read error would) while rank 0 waits in a collective."""
+    env = {**ENV, "FPO_DS_FAULT": "fail@2"}
+    proc = subprocess.run(_launch(world, tmp_path / "r", port=29722), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert text.count("FAILED") == 1 and "rank 1] FAILED: OSError: FPO_DS_FAULT: injected failure" in text, text[-3000:]
+    for noise in ("Traceback", "ChildFailedError", "Connection closed", "ProcessGroupGloo", "elastic"):
+        assert noise not in text, text[-3000:]
+
+
+def test_max_steps_beyond_the_epochs_is_refused_once_with_the_numbers(world, tmp_path):
+    text = _train(world, tmp_path / "r", "train.max_steps=20", port=29723, ok=False)
+    assert text.count("] FAILED:") == 1, text[-3000:]  # every rank finds it after the ranks met; one says it
+    assert (
+        "train.max_steps=20 is more than the data gives: 64 pairs // train.global_batch_size=8 = 8 steps per epoch "
+        "x train.epochs=1 = 8 steps. Set train.epochs=3 to train 20 steps" in text
+    ), text[-3000:]
+    assert "fpo_ds/" not in text.split("] FAILED:")[-1]  # no traceback through our code (plain torchrun adds its own)
+
+
+def _wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while not (path.is_file() and len(path.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.time() < end, f"{path}: {n} lines not reached"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_saves_and_exits_130_and_sigterm_exits_75_under_fpo_ds_launch(world, tmp_path):
+    """Ctrl-C finishes the step, saves and exits 130; the run resumes; SIGTERM then does the same, with 75.
+
+    The SIGINT goes to the whole process group, as a terminal sends it; the SIGTERM to the launcher
+    alone, as a scheduler or a user's `kill` sends it.
+    """
+    out = tmp_path / "r"
+    cmd = _launch(world, out, "train.max_steps=400", "train.epochs=50", port=29724)
+    runs, stopped = [], []
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 75)):
+        metrics = out / "metrics.jsonl"
+        before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        _wait_lines(metrics, before + 2, proc)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+        text, _ = proc.communicate(timeout=120)
+        assert proc.returncode == code, text[-3000:]
+        done = len(metrics.read_text().splitlines())
+        how = "interrupted (SIGINT)" if sig == signal.SIGINT else "preempted (SIGTERM)"
+        assert f"{how} after step {done}: checkpoint saved; exit code {code}" in text, text[-3000:]
+        assert (out / "checkpoints" / "latest").read_text() == f"step_{done:08d}"
+        for noise in ("Traceback", "KeyboardInterrupt", "ChildFailedError", "SignalException"):
+            assert noise not in text, text[-3000:]
+        runs.append(text)
+        stopped.append(done)
+    assert f"step_{stopped[0]:08d} at step {stopped[0]}" in runs[1] and stopped[1] > stopped[0]
+    assert "took over the lock" not in runs[1]  # the interrupted run ended cleanly: no note about a dead holder
+
+
+def test_second_ctrl_c_exits_at_once_and_a_signal_during_set_up_exits_at_once():
+    code = (
+        "import os, signal, sys, time\n"
+        "from fpo_ds import train\n"
+        "p = train.Preemption()\n"
+        "if sys.argv[1] == 'setup':\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); sys.exit(3)\n"
+        "p.training = True\n"
+        "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)  # the terminal's, torchrun's copy\n"
+        "time.sleep(1.2); print('still finishing the step', p.signal, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(5); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "train"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and "still finishing the step SIGINT" in proc.stdout, proc.stderr[-2000:]
+    assert "second Ctrl-C: exiting at once, without a checkpoint" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, "setup"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75 and "SIGTERM during set-up: nothing to save yet" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_ranks_exit_at_once_when_their_launcher_is_killed_just_after_starting_them(world, tmp_path):
+    out = tmp_path / "orphan"
+    launcher = subprocess.Popen(pipeline.torchrun_cmd(2, 29725) + _args(world, out), cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    end = time.time() + 60
+    while len([p for p in _alive(str(out)) if p != launcher.pid]) < 2:  # the ranks exist: still importing
+        assert time.time() < end, "ranks not started"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    killed = time.time()
+    while _alive(str(out)) and time.time() - killed < 10:
+        time.sleep(0.1)
+    assert _alive(str(out)) == [], "ranks outlived their launcher (they would wait for the rendezvous)"

@@ -11,6 +11,7 @@ answer, and judges `choices[0]["turns"][t]` for each turn t of the question.
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,11 @@ def test_cli_checks_the_question_file_before_loading_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such question file"):
         cli.main(["generate", str(tmp_path / "no-model"), "--format", "mt_bench", "--questions", "nope.jsonl",
                   "--out", str(tmp_path), "--model-id", "m"])  # fmt: skip
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(QUESTIONS["mt_bench"].read_text())
+    with pytest.raises(FileNotFoundError, match="MODEL_DIR: .*no-model is not a directory"):  # its own argument's name
+        cli.main(["generate", str(tmp_path / "no-model"), "--format", "mt_bench", "--questions", str(questions),
+                  "--out", str(tmp_path), "--model-id", "m"])  # fmt: skip
     with pytest.raises(SystemExit):  # formats and question files come in pairs
         G.parse(["m", "--format", "mt_bench", "--format", "arena_hard", "--questions", "q", "--out", "o",
                  "--model-id", "m"])  # fmt: skip
@@ -274,3 +280,19 @@ def test_two_ranks_write_what_one_process_writes(world, tmp_path, capsys):
                  "python show_result.py --bench-name mt_bench --model-list tiny-fpo",
                  "python gen_judgment.py --setting-file config/arena-hard-v2.0.yaml"):  # fmt: skip
         assert line in proc.stdout
+
+
+@pytest.mark.multiproc
+def test_two_ranks_refuse_an_unwritable_out_before_loading_the_model_in_one_message(world, tmp_path):
+    from helpers import subprocess_env
+
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "answers"  # under a file: nothing can be written there, not even by root
+    t0 = time.time()
+    proc = torchrun(["-m", "fpo_ds.generate", *_cmd(world / "model", out)], 2, env=subprocess_env(), capture=True,
+                    timeout=300, check=False)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and text.count("] FAILED:") == 1, text[-3000:]
+    assert f"FAILED: OSError: --out: cannot write in {out}" in text and "before the model loads" in text
+    assert "Loading weights" not in text and "fpo_ds/" not in text.split("FAILED")[-1], text[-3000:]
+    assert time.time() - t0 < 60

@@ -124,6 +124,10 @@ def _check_fpo_ds(args: list[str], where: str) -> None:
     _parse_only(cli.main, args)
     if args[:1] in (["train"], ["build-cache"]):
         _check_recipe(args[1:], where)
+    if args[:1] == ["launch"]:  # torchrun's options, then the fpo-ds command
+        at = next((i for i, a in enumerate(args) if a in ("train", "build-cache")), None)
+        if at is not None:
+            _check_recipe(args[at + 1 :], where)
 
 
 def _make_targets() -> set[str]:

@@ -23,8 +23,11 @@ def test_recipe_changes_split_into_refused_and_applied():
     assert checkpoint.recipe_changes(old, logging_only)[0] == {}
 
 
-def test_second_holder_is_refused_naming_the_first(tmp_path):
+def test_second_holder_is_refused_naming_the_first(tmp_path, capsys):
     run = tmp_path / "run"
+    rundir.claim(run, "output.dir").release()  # a holder that ended normally leaves no note for the next
+    rundir.claim(run, "output.dir").release()
+    assert "took over" not in capsys.readouterr().out
     holder = subprocess.Popen(
         [sys.executable, "-c", f"from fpo_ds import rundir; rundir.claim({str(run)!r}, 'output.dir'); "
          "import time; print('held', flush=True); time.sleep(60)"],
@@ -34,11 +37,16 @@ def test_second_holder_is_refused_naming_the_first(tmp_path):
     try:
         with pytest.raises(OSError, match=rf"output.dir: {run} is in use by another run \(host .*pid {holder.pid}"):
             rundir.claim(run, "output.dir")
+        run.mkdir(exist_ok=True)
+        (tmp_path / "link").symlink_to(run)  # another name for the same directory meets the same lock
+        with pytest.raises(OSError, match=rf"output.dir: {tmp_path / 'link'} \(real path {run}\) is in use"):
+            rundir.claim(tmp_path / "link", "output.dir")
     finally:
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    rundir.claim(run, "output.dir").release()  # the dead holder's lock is taken over
+    rundir.claim(run, "output.dir").release()  # the dead holder's lock is taken over, with a note
+    assert f"took over the lock of {run} from a process that is gone" in capsys.readouterr().out
 
 
 def test_prepare_refuses_to_start_over_a_run_and_moves_it_aside_when_asked(tmp_path):
@@ -78,3 +86,15 @@ def test_launcherless_run_picks_a_free_port():
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", topo.master_port))  # free
     assert dist.discover({"MASTER_PORT": "29613"}).master_port == 29613  # a port the user set wins
+
+
+def test_launch_exit_code_tells_preemption_from_failure():
+    from fpo_ds import launch
+
+    assert launch.exit_code([0, 0]) == 0 and launch.exit_code([75, 75]) == 75 and launch.exit_code([0, 75]) == 75
+    assert launch.exit_code([130, 75]) == 130  # Ctrl-C reached one rank first; the run still saved
+    assert launch.exit_code([75, 1]) == 1 and launch.exit_code([-9, 75]) == 137  # a failure outranks a stop
+    args = launch.parse(["--nproc_per_node", "2", "train", "recipes/tiny.yaml", "train.lr=1"])
+    assert (args.training_script, args.module, args.training_script_args) == ("fpo_ds.train", True, [
+        "recipes/tiny.yaml", "train.lr=1"])  # fmt: skip
+    assert "SIGUSR1" in args.signals_to_handle and args.shutdown_timeout == launch.SHUTDOWN_TIMEOUT_S
