@@ -31,6 +31,8 @@ CPU_ADAM_BUILD = "~1-3 min on 2 CPU cores"  # measured cold: 73 s idle, 175 s wi
 
 LAUNCHER_PID_VAR = "FPO_DS_LAUNCHER_PID"  # set by `fpo-ds launch`: the process its ranks must not outlive
 FAILED_KEY = "fpo_ds/failed"  # in the process group's store: "<rank> <exit code>" of the first rank to fail
+TOLD_KEY = "fpo_ds/told"  # set once that rank has printed its message
+_REPORTING = False  # this rank is reporting a failure: stop signals wait until it is told
 
 
 class Topology(NamedTuple):
@@ -270,12 +272,9 @@ def first_to_fail(code: int) -> tuple[bool, int]:
     """
     if not _met():
         return True, code
-    import torch.distributed as tdist
-
     mine = f"{rank()} {code}"
     try:
-        store = tdist.distributed_c10d._get_default_store()
-        store.set_timeout(datetime.timedelta(seconds=10))
+        store = _store()
         if rank() != 0:
             time.sleep(0.5)
         got = store.compare_set(FAILED_KEY, "", mine)
@@ -286,6 +285,31 @@ def first_to_fail(code: int) -> tuple[bool, int]:
     return first, code if first else int(got.split()[-1])
 
 
+def _store():
+    """The process group's key-value store (the launcher's, or the one rank 0 hosts), with a short timeout."""
+    import torch.distributed as tdist
+
+    store = tdist.distributed_c10d._get_default_store()
+    store.set_timeout(datetime.timedelta(seconds=10))
+    return store
+
+
+def _told() -> None:
+    """The first failing rank has printed its message: the quiet ranks may exit now."""
+    with contextlib.suppress(Exception):
+        _store().set(TOLD_KEY, "1")
+
+
+def _await_told() -> None:
+    """A quiet rank waits (a few seconds at most) until the first failing rank has printed its message.
+
+    Otherwise its exit makes the launcher (torchrun) stop that rank before it has said anything.
+    """
+    if _met():
+        with contextlib.suppress(Exception):
+            _store().wait([TOLD_KEY], datetime.timedelta(seconds=5))
+
+
 def _lost_peer(exc: BaseException) -> bool:
     """A collective failed because another rank went away (gloo/NCCL), not because of this rank."""
     text = f"{type(exc).__name__}: {exc}"
@@ -294,7 +318,12 @@ def _lost_peer(exc: BaseException) -> bool:
 
 
 def stop_now(code: int, message: str) -> None:
-    """Exit at once with `code`: this rank says `message` unless another rank failed first (then it is quiet)."""
+    """Exit at once with `code`: this rank says `message` unless another rank failed first (then it is quiet).
+
+    Does nothing while this rank reports a failure (a launcher stopping the job must not cut that short).
+    """
+    if _REPORTING:
+        return
     first, code = first_to_fail(code)
     if first:
         os.write(2, f"[{socket.gethostname()} rank {rank()}] {message}\n".encode())  # safe inside a signal handler
@@ -302,13 +331,20 @@ def stop_now(code: int, message: str) -> None:
 
 
 def _report_failure(exc_type, exc, tb) -> None:
+    global _REPORTING
+    _REPORTING = True
+    # torch.distributed wraps this hook to prefix "[rankN]: " to what it writes into a buffer, printed
+    # after the hook returns; this hook exits instead (see _exit), and says its rank itself.
+    sys.stderr = sys.__stderr__ or sys.stderr
     if issubclass(exc_type, PeerFailed):
+        _await_told()
         _exit(1)  # rank 0 printed the paragraph
     met = _met()
     if issubclass(exc_type, USER_ERRORS) and not met and launcher_rank() != 0:
         sys.exit(1)  # a mistake found before the ranks met (e.g. the recipe) is the same on every rank: rank 0 says it
     first, code = first_to_fail(1)
     if not first:
+        _await_told()
         _exit(code)  # another rank failed first and said why; this rank's error is its echo
     if met and _lost_peer(exc):
         line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc_type.__name__
@@ -316,11 +352,12 @@ def _report_failure(exc_type, exc, tb) -> None:
             "FAILED: another rank stopped without a word (killed, or out of memory?); the launcher's log names it. "
             f"Here: {line}"
         )
-        _exit(code)
-    log_all(f"FAILED: {exc_type.__name__}: {exc}")
-    if not issubclass(exc_type, USER_ERRORS) or os.environ.get("FPO_DS_TRACEBACK") == "1":
-        traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+    else:
+        log_all(f"FAILED: {exc_type.__name__}: {exc}")
+        if not issubclass(exc_type, USER_ERRORS) or os.environ.get("FPO_DS_TRACEBACK") == "1":
+            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
     if met:
+        _told()
         _exit(code)
 
 
