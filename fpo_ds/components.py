@@ -93,7 +93,7 @@ def policy_engine(recipe: C.Recipe, ds_cfg: dict, total_steps: int):
     torch.manual_seed(recipe.train.seed)
     policy, keep = M.load_model(recipe.model, ds_cfg)
     if recipe.model.lora.enabled:  # adapters injected in place, base frozen: the engine trains the adapters only
-        lora.wrap(policy, recipe.model.lora)
+        lora.wrap(policy, recipe.model.lora, seed=recipe.train.seed)
         dist.log(lora.summary(policy, recipe.model.lora))
     if recipe.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -37,11 +37,14 @@ def peft_config(lora_cfg: C.LoRAConfig):
     )
 
 
-def wrap(model, lora_cfg: C.LoRAConfig):
+def wrap(model, lora_cfg: C.LoRAConfig, seed: int | None = None):
     """Inject the adapters into `model` in place and freeze the base; returns the PeftModel around it.
 
     The Hugging Face model itself (`peft_model.get_base_model()`, the same object as `model`) is what
     the engine wraps, so parameter names stay the model's own plus PEFT's adapter suffixes.
+    `seed`: the adapters' initial values are drawn from this seed alone (not from whatever the RNG
+    state was after loading), so any process that wraps the same model with the same seed (another
+    world size, ZeRO stage, or TRL given these adapters) starts from the same adapters.
     """
     from peft import get_peft_model
 
@@ -61,8 +64,10 @@ def wrap(model, lora_cfg: C.LoRAConfig):
             "and model.lora.modules_to_save"
         )
     try:
-        with warnings.catch_warnings():  # PEFT asks transformers about checkpointing by a deprecated name
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT asks by an old name
+            if seed is not None:
+                torch.manual_seed(seed)
             peft_model = get_peft_model(model, peft_config(lora_cfg))
     except ValueError as e:  # e.g. a target name the model does not have
         raise ValueError(f"model.lora: PEFT could not adapt {type(model).__name__}: {e}") from None

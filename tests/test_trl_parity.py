@@ -1,4 +1,4 @@
-"""fpo-ds against TRL, step by step: DPO, IPO and SimPO trained by both on the same rows.
+"""fpo-ds against TRL, step by step: DPO, IPO, SimPO and DPO with LoRA trained by both on the same rows.
 
 Same model directory, tokenizer and token ids (checked), the same pairs in the same order (TRL
 is given the rows in the order fpo-ds's sampler consumes them and reads them sequentially; each
@@ -8,7 +8,9 @@ through its real trainer (torchrun, one rank, ds_configs/zero3_fp32.json: the Ze
 recipe trains with, partitioned parameters and the response-only LM head included); TRL runs
 its own DPOTrainer and CPOTrainer (loss_type simpo) in a second process at the same time.
 Per step, loss, reward margin and gradient norm (before clipping) must agree to 1e-6 (relative
-above 1, where float32's own spacing exceeds 1e-6: see _close).
+above 1, where float32's own spacing exceeds 1e-6: see _close). For LoRA (model.lora, PEFT) TRL's
+DPOTrainer gets `peft_config` and no reference model, and its adapters are set to fpo-ds's
+initial ones; both references are the model with its adapters off.
 """
 
 import json
@@ -21,6 +23,7 @@ import yaml
 from helpers import subprocess_env
 
 pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.[dev]' brings the pinned trl")
+pytest.importorskip("peft", reason="PEFT is not installed: pip install -e . brings the pinned peft")
 
 from fpo_ds.tools.benchmarks import trl_run  # noqa: E402
 
@@ -28,10 +31,16 @@ pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
 LR = 1e-4
-BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "dpo-lora": 0.1}  # by run name
+METHOD = {"dpo": "dpo", "ipo": "ipo", "simpo": "simpo", "dpo-lora": "dpo"}
 # Pairs per step. IPO's rewards differ in meaning between the two (see test_ipo_rewards_are_length_normalised):
 # with one pair per step the conversion between them is exact, so the margins are compared too.
-BATCH = {"dpo": 4, "ipo": 1, "simpo": 4}
+BATCH = {"dpo": 4, "ipo": 1, "simpo": 4, "dpo-lora": 4}
+# DPO with LoRA (model.lora through PEFT): TRL gets `peft_config` and no reference model, so its reference
+# is the adapters-off model, as fpo-ds's. Adapters start with B = 0 and train at a larger lr than full weights.
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
+RUN_LORA = {"dpo-lora": LORA}
+RUN_LR = {"dpo-lora": 1e-3}
 TOL = 1e-6
 # The toy template, with EOS closing each assistant turn: TRL's CPOTrainer appends EOS to a response
 # that does not end with it, so only a response that already does gets the same token ids in both.
@@ -55,24 +64,24 @@ def _world(tmp: Path) -> Path:
     return world
 
 
-def _recipe(tmp: Path, world: Path, method: str) -> Path:
+def _recipe(tmp: Path, world: Path, name: str) -> Path:
     raw = {
-        "model": {"name_or_path": str(world / "model")},
+        "model": {"name_or_path": str(world / "model"), "lora": RUN_LORA.get(name, {"r": 0})},
         "data": {"path": str(world / "data" / "train.jsonl"), "max_length": 64, "max_prompt_length": 32},
-        "loss": {"method": method, "beta": BETA[method], "gamma_beta_ratio": 0.5, "reference": "live"},
+        "loss": {"method": METHOD[name], "beta": BETA[name], "gamma_beta_ratio": 0.5, "reference": "live"},
         "train": {
-            "global_batch_size": BATCH[method],  # = micro batch x 1 rank: one micro-batch per step
-            "micro_batch_size": BATCH[method],
-            "lr": LR,
+            "global_batch_size": BATCH[name],  # = micro batch x 1 rank: one micro-batch per step
+            "micro_batch_size": BATCH[name],
+            "lr": RUN_LR.get(name, LR),
             "warmup_steps": 0,
             "schedule": "constant",
             "max_steps": STEPS,
         },
         "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_fp32.json"), "timeout_minutes": 3},
         "logging": {"progress_bar": False},
-        "output": {"dir": str(tmp / "fpo-ds" / method)},
+        "output": {"dir": str(tmp / "fpo-ds" / name)},
     }
-    path = tmp / f"{method}.yaml"
+    path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -99,7 +108,8 @@ def runs(tmp_path_factory):
     recipes = {m: _recipe(tmp, world, m) for m in BETA}
     order = {m: _order(recipes[m]) for m in BETA}
     trl_runs = [
-        {"name": m, "method": m, "beta": BETA[m], "lr": LR, "steps": STEPS, "batch": BATCH[m], "gamma_beta_ratio": 0.5}
+        {"name": m, "method": METHOD[m], "beta": BETA[m], "lr": RUN_LR.get(m, LR), "steps": STEPS, "batch": BATCH[m]}
+        | {"gamma_beta_ratio": 0.5, "lora": RUN_LORA.get(m)}
         for m in BETA
     ]
     spec = {"model": str(world / "model"), "out": str(tmp / "trl"), "max_length": 64, "runs": trl_runs}
@@ -146,6 +156,7 @@ def test_same_token_ids_in_the_same_order(runs, method):
 # both); the means enter the comparison through rewards/* (beta * mean log-prob in both).
 KEYS = {
     "dpo": trl_run.STEP_KEYS,  # loss, grad_norm, rewards/chosen|rejected|margins, logps/chosen|rejected
+    "dpo-lora": trl_run.STEP_KEYS,
     "ipo": ("loss", "grad_norm", "logps/chosen", "logps/rejected"),
     "simpo": ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins"),
 }

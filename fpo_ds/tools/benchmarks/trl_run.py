@@ -158,9 +158,42 @@ def trainer(run: dict, model_dir: str, rows: list[dict], out: Path, max_length: 
         return CPOTrainer(_load(model_dir), args, train_dataset=data, processing_class=tok, callbacks=callbacks)
     from trl import DPOTrainer
 
+    if run.get("lora"):
+        return _peft_dpo(run, model_dir, args, data, tok, callbacks)
     return DPOTrainer(
         _load(model_dir), _load(model_dir), args, train_dataset=data, processing_class=tok, callbacks=callbacks
     )
+
+
+def _peft_dpo(run: dict, model_dir: str, args, data, tok, callbacks: list):
+    """DPO with LoRA as TRL does it: `peft_config` and no ref_model (the reference is the adapters-off model).
+
+    `run["lora"]`: an fpo-ds model.lora block. The adapters TRL creates are then set to the ones
+    fpo-ds starts from (fpo_ds.lora.wrap on the same model with the run's seed), so both train the
+    same initial adapters.
+    """
+    from trl import DPOTrainer
+
+    from fpo_ds import config as C
+    from fpo_ds import lora
+
+    cfg = C.LoRAConfig(**run["lora"])
+    tr = DPOTrainer(
+        _load(model_dir),
+        None,
+        args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=callbacks,
+        peft_config=lora.peft_config(cfg),
+    )
+    start = dict(lora.wrap(_load(model_dir), cfg, seed=run.get("seed", 42)).named_parameters())
+    mine = {n: p for n, p in tr.model.named_parameters() if p.requires_grad}
+    if not mine or not mine.keys() <= start.keys():
+        raise ValueError(f"TRL's PEFT model has other adapters than fpo-ds: {sorted(set(mine) - set(start))[:3]}")
+    for name, p in mine.items():
+        p.data.copy_(start[name].data)
+    return tr
 
 
 def trained_tokens(tr) -> list[dict]:
