@@ -96,7 +96,7 @@ def main(spec_path: str, out_dir: str) -> None:
         if item["stage"] == "build-cache":
             results[item["name"]] = {"ok": True, "comms": comms_summary()}
             continue
-        history, c, _ = result
+        history, c = result.history, result.components
         results[item["name"]] = {"history": history, "reference": type(c.reference).__name__, "n_pairs": len(c.pairs)}
         if item.get("comms"):
             gathered = [None] * dist.world_size()
