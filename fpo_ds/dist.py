@@ -340,6 +340,10 @@ def _report_failure(exc_type, exc, tb) -> None:
         _await_told()
         _exit(1)  # rank 0 printed the paragraph
     met = _met()
+    if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C before training installed its handler (fpo_ds.train)
+        if (first_to_fail(130)[0] if met else launcher_rank() == 0) and os.environ.get("FPO_DS_TRACEBACK") != "1":
+            log_all("interrupted (Ctrl-C) before training started: nothing to save yet")
+        _exit(130)
     if issubclass(exc_type, USER_ERRORS) and not met and launcher_rank() != 0:
         sys.exit(1)  # a mistake found before the ranks met (e.g. the recipe) is the same on every rank: rank 0 says it
     first, code = first_to_fail(1)

@@ -379,6 +379,10 @@ def test_second_ctrl_c_exits_at_once_and_a_signal_during_set_up_exits_at_once():
     assert "second Ctrl-C: exiting at once, without a checkpoint" in proc.stderr
     proc = subprocess.run([sys.executable, "-c", code, "setup"], env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 75 and "SIGTERM during set-up: nothing to save yet" in proc.stderr, proc.stderr[-2000:]
+    early = "from fpo_ds import dist; dist.report_failures(); raise KeyboardInterrupt"  # Ctrl-C before the handler
+    proc = subprocess.run([sys.executable, "-c", early], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and "interrupted (Ctrl-C) before training started" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_ranks_exit_at_once_when_their_launcher_is_killed_just_after_starting_them(world, tmp_path):
