@@ -7,15 +7,17 @@
 #              architecture (TopK with decoder-norm rescaling too); chunked response log-probs == the
 #              full-logits path at vocabulary 256000 in fp32, bf16 and bf16 autocast; HF generate on
 #              CUDA == CPU greedy text; a 1-GPU NCCL group runs the encoder's collectives
-#   profile    FPO vs SimPO at Gemma-2-2B's shape (random weights, 1024 tokens, 16k SAE on block 25,
-#              ZeRO-3 bf16, checkpointing, micro 2): 3 timed steps, then 3 under torch.profiler each
+#   world      Gemma-2-2B's shape with random weights (bf16), 1024-token pairs, a 16k SAE on block 25,
+#              FPO's offline cache
+#   profile    FPO vs SimPO at that shape (ZeRO-3 bf16, checkpointing, micro 2: the committed H200
+#              run's setting): 3 timed steps, then 3 under torch.profiler each
 #   sweep      MFU at the 2B shape: micro 1/2/4/8, auto (stage 0 on one GPU) vs ZeRO-3,
 #              checkpointing on/off (bench/gpu_steps.py POINTS; out-of-memory points are recorded)
 #   calibrate  the planner's step time and memory against every finished sweep point
 # Then summary.md and results.json. Nothing saves a checkpoint; the 2.6B model (5 GB, bf16) is
 # written under OUT/world and deleted at the end (KEEP_WORLD=1 keeps it).
 # Env: PYTHON (default python3), PEAK_TFLOPS (989: H100/H200 SXM dense bf16), stage limits
-# UNIT_S PROFILE_S SWEEP_S CALIBRATE_S (seconds). Exit status 0 only when every stage passed.
+# UNIT_S WORLD_S PROFILE_S SWEEP_S CALIBRATE_S (seconds). Exit status 0 only when every stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +26,7 @@ out=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) out="$arg" ;;
   esac
@@ -40,7 +42,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 export TOKENIZERS_PARALLELISM=false
 if [ -n "$dry" ]; then
   export DS_ACCELERATOR=cpu FPO_DS_GPU_TESTS_ON=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  limits=(${UNIT_S:-120} ${PROFILE_S:-120} ${SWEEP_S:-120} ${CALIBRATE_S:-60})
+  limits=(${UNIT_S:-300} ${WORLD_S:-300} ${PROFILE_S:-300} ${SWEEP_S:-300} ${CALIBRATE_S:-300})  # catch hangs only
   dry_flag=(--dry-run)
 else
   if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -49,8 +51,8 @@ else
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   export DS_ACCELERATOR=cuda
-  # 90 + 160 + 210 + 30 s = 490 s of limits, plus env and summary: under 9 minutes in the worst case.
-  limits=(${UNIT_S:-90} ${PROFILE_S:-160} ${SWEEP_S:-210} ${CALIBRATE_S:-30})
+  # 75 + 100 + 150 + 150 + 25 s = 500 s of limits, plus env and summary: under 9 minutes in the worst case.
+  limits=(${UNIT_S:-75} ${WORLD_S:-100} ${PROFILE_S:-150} ${SWEEP_S:-150} ${CALIBRATE_S:-25})
   dry_flag=()
 fi
 world="$out/world"
@@ -77,10 +79,11 @@ stage() {  # stage NAME LIMIT_S CMD...: run under a time limit, log to logs/NAME
 "$py" bench/gpu_report.py env "$out" >/dev/null
 stage unit "${limits[0]}" "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rfEs \
   --junitxml "$out/unit/junit.xml"
-stage profile "${limits[1]}" "$py" bench/gpu_steps.py profile --world "$world" --out "$out/profile" "${dry_flag[@]}"
-stage sweep "${limits[2]}" "$py" bench/gpu_steps.py sweep --world "$world" --out "$out/sweep" \
-  --budget-s $(( ${limits[2]} - 40 )) "${dry_flag[@]}"
-stage calibrate "${limits[3]}" "$py" bench/gpu_report.py calibrate "$out" --world "$world"
+stage world "${limits[1]}" "$py" bench/gpu_steps.py world --world "$world" --out "$out" "${dry_flag[@]}"
+stage profile "${limits[2]}" "$py" bench/gpu_steps.py profile --world "$world" --out "$out/profile" "${dry_flag[@]}"
+stage sweep "${limits[3]}" "$py" bench/gpu_steps.py sweep --world "$world" --out "$out/sweep" \
+  --budget-s $(( ${limits[3]} - 35 )) "${dry_flag[@]}"
+stage calibrate "${limits[4]}" "$py" bench/gpu_report.py calibrate "$out" --world "$world"
 check=()
 [ -n "$dry" ] && check=(--check-layout)
 "$py" bench/gpu_report.py summary "$out" "${check[@]}"

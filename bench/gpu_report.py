@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("unit", "profile", "sweep", "calibrate")
+STAGES = ("unit", "world", "profile", "sweep", "calibrate")
 SPANS = ("fpo:tap_hook", "fpo:sae_read", "fpo:cache_read", "step:loss")  # bench/gpu_steps.instrument's names
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")  # each waits for the device
@@ -166,7 +166,7 @@ def compare(out: Path) -> dict:
 def _verdict(parts: dict, points: dict) -> list[str]:
     """Plain sentences: FPO's extra time per step, and the named parts that explain it, largest first."""
     lines = []
-    ok = {m: p for m, p in points.items() if p.get("status") == "ok"}
+    ok = {p["method"]: p for p in points.values() if p.get("status") == "ok"}
     if len(ok) == 2:
         f, s = ok["fpo"]["step_s"], ok["simpo"]["step_s"]
         lines.append(f"Unprofiled: FPO {1000 * f:.1f} ms/step vs SimPO {1000 * s:.1f} ms/step, ratio {f / s:.3f}.")
@@ -222,6 +222,14 @@ def compare_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured_points(out: Path) -> list[dict]:
+    """Every measured setting: the profile stage's two (timed before the profiler starts), then the sweep's."""
+    return [
+        *_read_points(out / "profile" / "points.jsonl").values(),
+        *_read_points(out / "sweep" / "points.jsonl").values(),
+    ]
+
+
 def _read_points(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -236,7 +244,7 @@ def calibrate(out: Path, world: Path) -> list[dict]:
     """The planner's memory and step time against each measured sweep point.
 
     Memory: memory.estimate at the point's micro-batch, widest padded length and checkpointing.
-    Time: the planner's compute MFU is fitted on the first ZeRO-3 point (its predicted step
+    Time: the planner's compute MFU is fitted on a ZeRO-3 FPO point (its predicted step
     equals the measured one there) and that MFU predicts every other point. The planner models
     ZeRO-3 only: stage-0 (auto) points are predicted as ZeRO-3 and marked so.
     """
@@ -244,9 +252,10 @@ def calibrate(out: Path, world: Path) -> list[dict]:
 
     shape = shapes.model_shape(str(world / "model"))
     d_sae = json.loads((world / "sae" / "cfg.json").read_text())["d_sae"]
-    points = [p for p in _read_points(out / "sweep" / "points.jsonl").values() if p.get("status") == "ok"]
+    points = [p for p in measured_points(out) if p.get("status") == "ok"]
     rows = [{"point": p["point"], **_plan(p, shape, d_sae, world, mfu=1.0)} for p in points]
-    fit_on = next((r for r, p in zip(rows, points) if p["zero_stage"] == 3), rows[0] if rows else None)
+    order = sorted(zip(rows, points), key=lambda rp: (rp[1]["zero_stage"] != 3, rp[1]["method"] != "fpo"))
+    fit_on = order[0][0] if order else None  # a ZeRO-3 FPO point where there is one
     fitted = None
     if fit_on is not None:
         p = next(p for p in points if p["point"] == fit_on["point"])
@@ -316,7 +325,7 @@ def calibrate_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['point']} | {r['zero_stage']} | {r['measured_step_s']:.3f} | {r['pred_step_s']:.3f} "
             f"| {100 * r['step_error']:+.1f}% | {r['measured_peak_mib']:.0f} | {r['pred_peak_mib']:.0f} "
-            f"| {100 * r['mem_error']:+.1f}% | {r['mfu']:.3f} | {r['mfu_6n']:.3f} | {r['note']} |"
+            f"| {100 * r['mem_error']:+.1f}% | {r['mfu']:.3g} | {r['mfu_6n']:.3g} | {r['note']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -352,7 +361,7 @@ def summary(out: Path) -> dict:
     if all((out / "profile" / m / "ops.json").is_file() for m in ("simpo", "fpo")):
         compare(out)
     res["profile"] = _json(out / "profile" / "compare.json")
-    res["sweep"] = list(_read_points(out / "sweep" / "points.jsonl").values())
+    res["sweep"] = measured_points(out)
     res["calibrate"] = _json(out / "calibrate" / "calibrate.json")
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "summary.md").write_text(summary_markdown(res))
@@ -399,7 +408,7 @@ def summary_markdown(res: dict) -> str:
         if p.get("status") != "ok":
             lines.append(f"| {p['point']} | {p.get('status')}: {p.get('error', '')[:120]} | | | | | | |")
             continue
-        mfus = f"{p['mfu']:.3f} | {p['mfu_6n']:.3f}"
+        mfus = f"{p['mfu']:.3g} | {p['mfu_6n']:.3g}"
         lines.append(
             f"| {p['point']} | ok | {p['zero_stage']} | {p['step_s']:.3f} | {p['tokens_per_s']:.0f} "
             f"| {p['peak_mem_mib']:.0f} | {mfus} |"
@@ -432,7 +441,7 @@ def check_layout(out: Path, res: dict) -> list[str]:
     if u.get("ran") and (u["failed"] or u["skipped"] or not u["passed"]):
         problems.append(f"unit: {len(u['failed'])} failed, {len(u['skipped'])} skipped, {len(u['passed'])} passed")
     bad = [p["point"] for p in res["sweep"] if p.get("status") != "ok"]
-    problems += [f"sweep point {n} did not finish" for n in bad]
+    problems += [f"point {n} did not finish" for n in bad]
     if res["calibrate"] is not None and len(res["calibrate"]) != sum(p.get("status") == "ok" for p in res["sweep"]):
         problems.append("calibrate: not one row per finished sweep point")
     return problems

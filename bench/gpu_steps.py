@@ -33,22 +33,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.yaml"  # overridden key by key below, as `fpo-ds bench` does
 SHAPE = "google/gemma-2-2b"
 DS = {"zero3": "zero3_bf16.json", "auto": "auto"}  # the CPU dry run swaps in zero3_fp32.json
+# The profile stage's two points are the committed H200 run's setting: ZeRO-3 bf16, checkpointing, micro 2
+# (their timed steps run before the profiler starts, so they are sweep points too: profile-simpo, profile-fpo).
+PROFILED = ("zero3", True, 2)
 # The sweep's points in priority order (a point past the stage's time budget is skipped):
 # name -> (method, deepspeed config, activation checkpointing, micro-batch in pairs)
 POINTS = {
-    "fpo-auto-ckpt-mb2": ("fpo", "auto", True, 2),
-    "fpo-zero3-ckpt-mb2": ("fpo", "zero3", True, 2),  # the setting of the committed H200 bench run
+    "fpo-auto-ckpt-mb2": ("fpo", "auto", True, 2),  # against profile-fpo: auto (stage 0 on one GPU) vs ZeRO-3
     "fpo-auto-nockpt-mb2": ("fpo", "auto", False, 2),
     "fpo-auto-ckpt-mb4": ("fpo", "auto", True, 4),
-    "fpo-auto-ckpt-mb1": ("fpo", "auto", True, 1),
-    "fpo-auto-nockpt-mb1": ("fpo", "auto", False, 1),
     "fpo-auto-ckpt-mb8": ("fpo", "auto", True, 8),
+    "fpo-auto-ckpt-mb1": ("fpo", "auto", True, 1),
+    "fpo-zero3-ckpt-mb4": ("fpo", "zero3", True, 4),
     "fpo-auto-nockpt-mb4": ("fpo", "auto", False, 4),
     "fpo-zero3-ckpt-mb8": ("fpo", "zero3", True, 8),
     "fpo-auto-nockpt-mb8": ("fpo", "auto", False, 8),
+    "fpo-auto-nockpt-mb1": ("fpo", "auto", False, 1),
 }
-# The CPU dry run: both ZeRO settings, checkpointing on and off, two micro-batches.
-DRY_POINTS = ("fpo-auto-ckpt-mb2", "fpo-zero3-ckpt-mb2", "fpo-auto-nockpt-mb1")
+# The CPU dry run: with the profile's ZeRO-3 points, both ZeRO settings, checkpointing on and off, two micro-batches.
+DRY_POINTS = ("fpo-auto-ckpt-mb2", "fpo-auto-nockpt-mb1")
 
 
 class Size:
@@ -315,17 +318,27 @@ def _failure(e: BaseException) -> dict:
 
 
 def profile_stage(world: Path, out: Path, size: Size) -> None:
-    """SimPO, then FPO, at the committed H200 run's setting: ZeRO-3 bf16, checkpointing, micro-batch 2."""
+    """SimPO, then FPO, at the committed H200 run's setting (PROFILED)."""
+    import gpu_report
+
+    from fpo_ds.tools.planner import shapes
+
     out.mkdir(parents=True, exist_ok=True)
     ensure_world(world, size)
+    shape = shapes.model_shape(str(world / "model"))
+    ds, ckpt, micro = PROFILED
     for method in ("simpo", "fpo"):
         t0 = time.perf_counter()
+        base = {"point": f"profile-{method}", "method": method, "ds": ds, "checkpointing": ckpt, "micro": micro}
         try:
-            rec = run_point(world, world / "runs" / f"profile-{method}", method, "zero3", True, 2, size, out / method)
-            rec["status"] = "ok"
+            rec = {
+                **base,
+                **run_point(world, world / "runs" / base["point"], method, ds, ckpt, micro, size, out / method),
+            }
+            rec.update(gpu_report.mfu(shape, rec), status="ok")
         except Exception as e:  # noqa: BLE001 - recorded, and the other method still runs
             traceback.print_exc()
-            rec = {"method": method, **_failure(e)}
+            rec = {**base, **_failure(e)}
         rec["seconds"] = time.perf_counter() - t0
         _append(out / "points.jsonl", rec)
         print(f"[profile] {method}: {json.dumps({k: v for k, v in rec.items() if k != 'profile'})}", flush=True)
@@ -370,7 +383,7 @@ def sweep_stage(world: Path, out: Path, size: Size, names: list[str], budget_s: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["profile", "sweep"])
+    p.add_argument("stage", choices=["world", "profile", "sweep"])
     p.add_argument("--world", required=True, help="model, data, SAE and cache (built once, shared by the stages)")
     p.add_argument("--out", required=True)
     p.add_argument("--dry-run", action="store_true", help="toy size on the CPU")
@@ -381,7 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     from fpo_ds import components
 
     components.import_sae_lens()  # before any zero.Init in this process
-    if args.stage == "profile":
+    if args.stage == "world":
+        print(json.loads((ensure_world(Path(args.world), size) / "READY.json").read_text()))
+    elif args.stage == "profile":
         profile_stage(Path(args.world), Path(args.out), size)
     else:
         names = args.points.split(",") if args.points else list(DRY_POINTS if args.dry_run else POINTS)

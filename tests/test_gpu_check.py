@@ -32,7 +32,7 @@ def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert res["env"]["device"] == "CPU"
-    assert sorted(res["stages"]) == ["calibrate", "profile", "sweep", "unit"]
+    assert sorted(res["stages"]) == ["calibrate", "profile", "sweep", "unit", "world"]
     assert all(s["rc"] == 0 and not s["timed_out"] for s in res["stages"].values())
     unit = res["unit"]
     assert not unit["failed"] and not unit["skipped"] and len(unit["passed"]) == 10
@@ -43,12 +43,14 @@ def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
     assert prof["parts"]["fpo"]["fpo:sae_read (host)"] > 0 and prof["parts"]["simpo"]["fpo:sae_read (host)"] == 0
     for m in ("simpo", "fpo"):
         assert (out / "profile" / m / "trace.json.gz").stat().st_size > 0
-    points = res["sweep"]
-    assert [p["status"] for p in points] == ["ok"] * len(points) and len(points) >= 3
+    points = res["sweep"]  # the profile's two points (ZeRO-3), then the sweep's
+    assert [p["point"] for p in points[:2]] == ["profile-simpo", "profile-fpo"]
+    assert [p["status"] for p in points] == ["ok"] * len(points) and len(points) >= 4
     assert {p["zero_stage"] for p in points} == {0, 3} and {p["checkpointing"] for p in points} == {True, False}
     assert len({p["micro"] for p in points}) >= 2 and all(p["mfu"] > 0 and p["mfu_6n"] > 0 for p in points)
     assert [r["point"] for r in res["calibrate"]] == [p["point"] for p in points]
     fitted = next(r for r in res["calibrate"] if r["point"] == r["fitted_on"])
+    assert fitted["point"] == "profile-fpo"
     assert abs(fitted["step_error"]) < 1e-6  # the MFU fitted there reproduces its own step
     summary = (out / "summary.md").read_text()
     assert "## MFU sweep" in summary and "## FPO vs SimPO" in summary
