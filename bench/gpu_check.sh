@@ -13,7 +13,8 @@
 #              run's setting): 3 timed steps, then 3 under torch.profiler each
 #   sweep      MFU at the 2B shape: micro 1/2/4/8, auto (stage 0 on one GPU) vs ZeRO-3,
 #              checkpointing on/off (bench/gpu_steps.py POINTS; out-of-memory points are recorded)
-#   calibrate  the planner's step time and memory against every finished sweep point
+#   calibrate  the planner's step time and memory against every measured point, and
+#              `fpo-ds plan recipes/gemma-2-2b.yaml --calibrate` with the measured FPO MFU
 # Then summary.md and results.json. Nothing saves a checkpoint; the 2.6B model (5 GB, bf16) is
 # written under OUT/world and deleted at the end (KEEP_WORLD=1 keeps it).
 # Env: PYTHON (default python3), PEAK_TFLOPS (989: H100/H200 SXM dense bf16), stage limits
@@ -51,8 +52,8 @@ else
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   export DS_ACCELERATOR=cuda
-  # 75 + 100 + 150 + 150 + 25 s = 500 s of limits, plus env and summary: under 9 minutes in the worst case.
-  limits=(${UNIT_S:-75} ${WORLD_S:-100} ${PROFILE_S:-150} ${SWEEP_S:-150} ${CALIBRATE_S:-25})
+  # 75 + 100 + 150 + 140 + 40 s = 505 s of limits, plus env and summary: under 9 minutes in the worst case.
+  limits=(${UNIT_S:-75} ${WORLD_S:-100} ${PROFILE_S:-150} ${SWEEP_S:-140} ${CALIBRATE_S:-40})
   dry_flag=()
 fi
 world="$out/world"

@@ -278,7 +278,35 @@ def calibrate(out: Path, world: Path) -> list[dict]:
     (out / "calibrate").mkdir(exist_ok=True)
     (out / "calibrate" / "calibrate.json").write_text(json.dumps(rows, indent=1))
     (out / "calibrate" / "calibrate.md").write_text(calibrate_markdown(rows))
+    fpo = next((p for p in points if p["point"] == "profile-fpo"), None)
+    if fpo is not None:
+        plan_calibrated(out / "calibrate", fpo, shape.params)
     return rows
+
+
+PLAN = ["recipes/gemma-2-2b.yaml", "--nodes", "1", "--gpus-per-node", "1"]
+
+
+def plan_calibrated(out: Path, fpo: dict, params: int) -> int:
+    """`fpo-ds plan` of the shipped 2B recipe on this GPU, pinned to the measured FPO MFU (its --calibrate).
+
+    bench.json carries the recipe's setting's point (ZeRO-3, checkpointing, micro 2) in the bench's
+    format and the planner's convention; plan.txt is the planner's output with it.
+    """
+    from fpo_ds.tools.planner import compute
+
+    bench = {
+        "flops_convention": compute.CONVENTION,
+        "config": {"seq": fpo["widest"], "checkpointing": fpo["checkpointing"], "micro": fpo["micro"], "nproc": 1},
+        "params": params,
+        "methods": {"fpo": {"mfu": [fpo["mfu"]], "step_time_s": [fpo["step_s"]]}},
+    }
+    (out / "bench.json").write_text(json.dumps(bench, indent=1))
+    cmd = [sys.executable, "-m", "fpo_ds.cli", "plan", *PLAN, "--calibrate", str((out / "bench.json").resolve())]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = "$ fpo-ds plan " + " ".join(PLAN) + " --calibrate calibrate/bench.json"
+    (out / "plan.txt").write_text(f"{line}\n(exit {proc.returncode})\n{proc.stdout}{proc.stderr}")
+    return proc.returncode
 
 
 def _plan(point: dict, shape, d_sae: int, world: Path, mfu: float) -> dict:
@@ -399,7 +427,7 @@ def summary_markdown(res: dict) -> str:
     lines += res["profile"]["verdict"] if res["profile"] else ["No comparison (profile stage incomplete)."]
     lines += [
         "",
-        "## MFU sweep (calibrate/calibrate.md has the planner's predictions)",
+        "## MFU: the profile stage's two points and the sweep (calibrate/: the planner against them)",
         "",
         "| point | status | ZeRO | step (s) | tokens/s | peak (MiB) | MFU | MFU 6N |",
         "|---|---|---|---|---|---|---|---|",
@@ -428,6 +456,7 @@ def check_layout(out: Path, res: dict) -> list[str]:
         "sweep/points.jsonl",
         "calibrate/calibrate.json",
         "calibrate/calibrate.md",
+        "calibrate/plan.txt",
     ]
     need += [f"profile/{m}/{f}" for m in ("simpo", "fpo") for f in ("ops.json", "trace.json.gz")]
     need += [f"logs/{s}.log" for s in STAGES] + [f"status/{s}.json" for s in STAGES]

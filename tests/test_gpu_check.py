@@ -52,6 +52,8 @@ def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
     fitted = next(r for r in res["calibrate"] if r["point"] == r["fitted_on"])
     assert fitted["point"] == "profile-fpo"
     assert abs(fitted["step_error"]) < 1e-6  # the MFU fitted there reproduces its own step
+    plan = (out / "calibrate" / "plan.txt").read_text()  # the planner pinned to the measured FPO MFU
+    assert "(exit 0)" in plan and "--calibrate bench.json" in plan and "google/gemma-2-2b" in plan
     summary = (out / "summary.md").read_text()
     assert "## MFU sweep" in summary and "## FPO vs SimPO" in summary
     assert not (out / "world").exists()  # the model is deleted after the check
