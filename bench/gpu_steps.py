@@ -376,6 +376,8 @@ def sweep_stage(world: Path, out: Path, size: Size, names: list[str], budget_s: 
                 rec = {**base, **_failure(e)}
                 if rec["status"] == "oom":
                     oom.add(((method, ds, ckpt), micro))
+            gc.collect()  # the failed point's engine, held by its traceback until here
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
             last = rec["seconds"] = time.perf_counter() - t0
         _append(out / "points.jsonl", rec)
         print(f"[sweep] {name}: {json.dumps(rec)}", flush=True)

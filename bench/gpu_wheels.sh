@@ -16,7 +16,7 @@ pyver=${2:-3.12}
 py=${PYTHON:-.venv/bin/python}
 pkgs=(
   transformers deepspeed hjson pydantic pydantic-core annotated-types typing-inspection
-  datasets dill multiprocess
+  datasets dill multiprocess fsspec
   sae-lens transformer-lens better-abc typeguard simple-parsing docstring-parser
   wandb cwevals platformdirs googleapis-common-protos opentelemetry-api opentelemetry-sdk opentelemetry-proto
   opentelemetry-semantic-conventions opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common
