@@ -106,14 +106,17 @@ def adapters_off(module: torch.nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def count_trainable(model_cfg) -> int:
-    """Parameters model.lora trains on this model: the adapters built on the meta device (no weights read)."""
+def count_trainable(model_cfg, hf_config=None) -> int:
+    """Parameters model.lora trains on this model: the adapters built on the meta device (no weights read).
+
+    `hf_config`: the model's transformers config (default: read from model.name_or_path).
+    """
     from transformers import AutoModelForCausalLM
 
     from fpo_ds import model as M
 
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(M.load_config(model_cfg))
+        lm = AutoModelForCausalLM.from_config(hf_config or M.load_config(model_cfg))
         wrap(lm, model_cfg.lora)
     return sum(p.numel() for p in lm.parameters() if p.requires_grad)
 

@@ -1,5 +1,7 @@
 """The bench's real-shape mode: long pairs that fill --seq, and the report comparing two checkouts."""
 
+from pathlib import Path
+
 import pytest
 
 from fpo_ds import data
@@ -78,3 +80,17 @@ def test_bench_hands_against_trl_to_its_own_parser(capsys):
     assert (
         e.value.code == 2 and "fpo-ds bench --against trl: error: --models: unknown ['huge']" in capsys.readouterr().err
     )
+
+
+def test_against_trl_lora_row_trains_the_same_adapters_on_both_sides():
+    from fpo_ds import config as C
+    from fpo_ds.tools.benchmarks import bench_trl
+
+    args = bench_trl.parse(["--against", "trl", "--lora", "16", "--variant", "auto"])
+    assert args.lora == 16 and args.variants == ["auto"]
+    recipe = C.load(bench_trl.RECIPE, bench_trl.fpo_ds_overrides(Path("w"), Path("r"), "auto", args, 2))
+    assert recipe.model.lora == C.LoRAConfig(**bench_trl.lora_block(16))  # what TRL's PEFT config is built from
+    assert recipe.model.lora.r == 16 and recipe.model.lora.alpha == 32.0
+    config = {"trl": "1.16.0", "steps": 30, "micro": 4, "warmup": 5, "repeats": 1, "variants": ["auto"], "lora": 16}
+    md = bench_trl.markdown({"command": "fpo-ds bench --against trl --lora 16", "config": config, "cells": []})
+    assert "DPO with LoRA r=16 (all-linear, alpha 32; TRL + PEFT)" in md and "adapters off" in md

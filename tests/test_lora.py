@@ -112,3 +112,17 @@ def test_cache_fingerprint_ignores_lora(tokenizer):
         | {"cache": {"dir": "c"}}
     )
     assert cache.fingerprints(plain, tokenizer, "fp") == cache.fingerprints(with_lora, tokenizer, "fp")
+
+
+def test_plan_models_lora_memory_and_flops():
+    from fpo_ds.tools.planner import lora_plan, shapes
+
+    p, t = 9_000_000_000, 50_000_000
+    assert lora_plan.flops_per_token(p, None, False, True) == 8 * p  # 6P training + 2P live reference
+    assert lora_plan.flops_per_token(p, t, False, True) == 4 * p + 6 * t + 2 * p  # no weight gradients
+    assert lora_plan.flops_per_token(p, t, True, False) == 4 * p + 6 * t + 2 * p  # FPO: recompute, no reference
+    recipe = C.load("recipes/gemma-2-9b.yaml", ["model.lora.r=16"])
+    out = "\n".join(lora_plan.lines(recipe, shapes.model_config("google/gemma-2-9b"), 9_241_705_984, 1, 80.0))
+    # 42 blocks x 16 x (q 3584+4096, k and v 3584+2048 each, o 4096+3584, gate/up/down 3584+14336 each)
+    assert "54,018,048 adapter parameters train" in out
+    assert "stage 0 (data parallel, no ZeRO)" in out  # one 80 GB GPU holds the 9B FPO recipe with LoRA r=16

@@ -2,6 +2,7 @@
 
     fpo-ds bench --against trl                       # the full table: 2 models x 1 and 2 CPU processes, 6 repeats
     fpo-ds bench --against trl --repeats 2 --with-auto
+    fpo-ds bench --against trl --lora 16 --variant auto --out bench/results/cpu-vs-trl-lora   # LoRA vs TRL + PEFT
 
 DPO, fp32, beta 0.1, lr 1e-4 constant, gradient clipping 1.0, live reference, micro-batch 4 per
 process and no accumulation, on toy Llama models written locally. Each fpo-ds variant is a
@@ -66,6 +67,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="a deepspeed.config value for fpo-ds (repeat); default: " + ", ".join(VARIANTS),
     )
     p.add_argument("--with-auto", action="store_true", help="also deepspeed.config=auto")
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="LoRA of rank R on every linear layer (fpo-ds model.lora; TRL: the same PEFT LoraConfig, no ref_model)",
+    )
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     unknown = set(args.models) - set(MODELS)
@@ -170,7 +178,14 @@ def fpo_ds_overrides(world: Path, run_dir: Path, variant: str, args, nproc: int)
         "logging.progress_bar": False,
         "logging.every": 10**6,
     }
+    if args.lora:
+        o |= {f"model.lora.{k}": v for k, v in lora_block(args.lora).items()}
     return [f"{k}={v}" for k, v in o.items()]
+
+
+def lora_block(r: int) -> dict:
+    """The model.lora block both libraries train with (TRL through the same PEFT LoraConfig)."""
+    return {"r": r, "alpha": 2.0 * r, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def run_fpo_ds(world: Path, work: Path, variant: str, args, nproc: int, tag: str) -> dict:
@@ -191,6 +206,8 @@ def run_fpo_ds(world: Path, work: Path, variant: str, args, nproc: int, tag: str
 def run_trl(world: Path, work: Path, args, nproc: int, tag: str, rows: list[dict]) -> dict:
     out = work / "runs" / tag
     run = {"name": "dpo", "method": "dpo", "beta": 0.1, "lr": 1e-4, "steps": args.steps, "batch": args.micro}
+    if args.lora:
+        run["lora"] = lora_block(args.lora)
     spec = {"model": str(world / "model"), "out": str(out), "max_length": MAX_LENGTH, "rows": rows, "runs": [run]}
     path = work / f"spec-{tag}.json"
     path.write_text(json.dumps(spec))
@@ -279,7 +296,7 @@ def _write(result: dict, out: Path) -> None:
 def _config(args) -> dict:
     import trl
 
-    keys = ("repeats", "steps", "warmup", "micro", "models", "nprocs", "variants")
+    keys = ("repeats", "steps", "warmup", "micro", "models", "nprocs", "variants", "lora")
     return {k: getattr(args, k) for k in keys} | {"trl": trl.__version__, "max_length": MAX_LENGTH}
 
 
@@ -302,9 +319,12 @@ def markdown(result: dict) -> str:
     vs = [label(v) for v in cfg["variants"]]
     keys = (("step_time_s", "step"), ("peak_rss_mib", "RSS"), ("launch_to_step1_s", "launch->step 1"))
     head = [f"fpo-ds {v} {what} / TRL" for _, what in keys for v in vs]
+    r = cfg.get("lora", 0)
+    what = f"DPO with LoRA r={r} (all-linear, alpha {2 * r}; TRL + PEFT)" if r else "DPO"
+    ref = "reference = adapters off (both)" if r else "live reference"
     lines = [
-        f"# fpo-ds vs TRL {cfg['trl']} (DPOTrainer) on CPU: DPO fp32, beta 0.1, lr 1e-4 constant, clipping 1.0, "
-        "live reference",
+        f"# fpo-ds vs TRL {cfg['trl']} (DPOTrainer) on CPU: {what}, fp32, beta 0.1, lr 1e-4 constant, "
+        f"clipping 1.0, {ref}",
         "",
         f"`{result['command']}`",
         "",

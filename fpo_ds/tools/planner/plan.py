@@ -274,6 +274,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{recipe.model.name_or_path}: {shape.params / 1e6:,.1f}M params, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}; {args.nodes} x {args.gpus_per_node} GPUs; {recipe.deepspeed.config}"
     )
+    if recipe.model.lora.enabled:  # LoRA's own memory and FLOPs (planner/lora_plan.py)
+        from fpo_ds.tools.planner import lora_plan, shapes
+
+        hf_config = shapes.model_config(recipe.model.name_or_path)
+        print("\n".join(lora_plan.lines(recipe, hf_config, shape.params, topo.nodes * topo.gpus, args.gpu_mem)))
     fits = _print_memory(ctx, args.gpu_mem)
     if recipe.loss.method == "fpo":
         size_ = comms.shard_group_size(ctx.group, topo)
