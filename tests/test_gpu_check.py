@@ -55,7 +55,7 @@ def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
     plan = (out / "calibrate" / "plan.txt").read_text()  # the planner pinned to the measured FPO MFU
     assert "(exit 0)" in plan and "--calibrate bench.json" in plan and "google/gemma-2-2b" in plan
     summary = (out / "summary.md").read_text()
-    assert "## MFU sweep" in summary and "## FPO vs SimPO" in summary
+    assert "## MFU: the profile stage" in summary and "## FPO vs SimPO" in summary
     assert not (out / "world").exists()  # the model is deleted after the check
     leftovers = [p for p in out.rglob("*") if p.suffix in (".pt", ".safetensors") or "global_step" in p.name]
     assert leftovers == []  # no checkpoint, no weights
