@@ -40,11 +40,15 @@ class Calibration(NamedTuple):
     """Measured link figures: {(class, kind): (seconds per call, bytes received per second)}.
 
     class is "intra" (the group on one node) or "inter" (it spans nodes); kind one of KINDS.
-    `overlap`: whether gathers hide under compute (CUDA side streams: yes; gloo on CPU ranks: no).
+    `overlap`: whether prefetched parameter gathers hide under compute; `overlap_reduce`: whether the
+    gradient reduction does too. NCCL on CUDA streams: both. gloo on CPU ranks (measured,
+    tests/test_step_time.py): prefetched gathers run on gloo's threads while the main thread computes,
+    the reduction blocks.
     """
 
     fits: dict
-    overlap: bool = False
+    overlap: bool = True
+    overlap_reduce: bool = False
     source: str = "calibrated"
 
 
@@ -63,8 +67,13 @@ class Topology(NamedTuple):
 
     @property
     def overlap(self) -> bool:
-        """Whether parameter gathers are prefetched under compute (NCCL on side streams)."""
+        """Whether prefetched parameter gathers hide under compute (NCCL on side streams: yes)."""
         return self.calibration is None or self.calibration.overlap
+
+    @property
+    def overlap_reduce(self) -> bool:
+        """Whether the gradient reduction hides under the backward (NCCL on side streams: yes)."""
+        return self.calibration is None or self.calibration.overlap_reduce
 
 
 class Link(NamedTuple):

@@ -408,8 +408,9 @@ def _print_tune(ctx: Context, quantized: bool) -> None:
     for i, r in enumerate(ranked[:3], 1):
         s = r["setting"]
         print(f"{i}. {s.label}: step {r['step_s']:.3f} s, {r['gpu_bytes'] / GIB:.1f} GiB/GPU")
-        print(f"   overrides: {' '.join(tune.overrides(s))} deepspeed.config=<this JSON>")
-        print(f"   DeepSpeed JSON: {json.dumps(tune.ds_json(ctx.recipe, s, ctx.topo), sort_keys=True)}")
+        ds = tune.ds_json(ctx.recipe, s, ctx.topo)
+        print(f"   overrides: {' '.join(tune.overrides(s, ds))}")
+        print(f"   DeepSpeed JSON: {json.dumps(ds, sort_keys=True)}")
 
 
 # ----------------------------------------------------------------------------- markdown

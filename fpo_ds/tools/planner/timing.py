@@ -6,7 +6,9 @@ collectives that do not hide under it (bytes: comms.py, seconds per collective: 
                    gather, and for whatever its gathers (in backward with the reduce-scatter, which
                    shares the links) take beyond its compute; the last reduce-scatter bucket trails
                    the backward.
-  no overlap       (a calibrated link model that says so: gloo on CPU ranks) every collective waits.
+  gathers only     (gloo on CPU ranks, calibrated): prefetched gathers hide as above, the gradient
+                   reduction waits in full.
+  no overlap       every collective waits.
 The SAE group's collectives sit on the critical path (the loss needs them). Per step: the
 persistent / ZeRO-2 gathers and the per-step syncs, the optimizer step (Adam streams ADAM_BYTES
 per partitioned parameter through HBM; not modelled under optimizer offload), the cache read and
@@ -39,9 +41,12 @@ def step_time(
     zero = sae = 0.0
     for m in range(a):
         by = _phases([t for t in step.traffic if t.micro == m], topo)
-        if topo.overlap:
+        if topo.overlap and topo.overlap_reduce:
             zero += by["fwd"][1] + max(0.0, by["fwd"][0] - by["fwd"][1] - fwd)
             zero += by["bwd"][1] + max(0.0, by["bwd"][0] - by["bwd"][1] + by["rs"][0] - (c - fwd)) + by["rs"][1]
+        elif topo.overlap:  # the reduction blocks: only the gathers hide
+            zero += by["fwd"][1] + max(0.0, by["fwd"][0] - by["fwd"][1] - fwd)
+            zero += by["bwd"][1] + max(0.0, by["bwd"][0] - by["bwd"][1] - (c - fwd)) + by["rs"][0]
         else:
             zero += by["fwd"][0] + by["bwd"][0] + by["rs"][0]
         sae += by["sae"][0]

@@ -77,11 +77,15 @@ def ds_json(recipe, s: Setting, topo: Topology) -> dict:
     return {**cfg, "zero_optimization": zero}
 
 
-def overrides(s: Setting) -> list[str]:
+def overrides(s: Setting, ds: dict) -> list[str]:
+    """The recipe overrides of a setting; deepspeed.config names a shipped JSON equal to `ds`, if one is."""
+    shipped = ds_path("ds_configs/zero3_bf16.json").parent
+    same = [f for f in sorted(shipped.glob("*.json")) if json.loads(f.read_text()) == ds]
     return [
         f"train.micro_batch_size={s.micro}",
         f"model.gradient_checkpointing={str(s.checkpointing).lower()}",
         f"sae.shard_group={s.group}",
+        f"deepspeed.config={'ds_configs/' + same[0].name if same else '<the JSON below, saved>'}",
     ]
 
 
@@ -98,7 +102,7 @@ def evaluate(
     timed = timing.step_time(r, shape, topo, step, d_sae, mfu, peak, micro_s)
     items = memory.estimate(r, shape._asdict(), topo.nodes, topo.gpus, d_sae, s.group, zero=z)
     gpu = sum(v for k, v in items.items() if not k.startswith("host"))
-    return {"setting": s, "step_s": timed["step_s"], "gpu_bytes": gpu, "timed": timed}
+    return {"setting": s, "step_s": timed["step_s"], "gpu_bytes": gpu, "timed": timed, "step": step}
 
 
 def search(recipe, shape, topo, d_sae, mfu, peak, gpu_bytes, global_batch, quantized=True, **kw) -> list[dict]:
