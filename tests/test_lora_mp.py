@@ -54,6 +54,8 @@ def runs(tmp_path_factory):
         {"name": "part", "stage": "train", "recipe": part},
         {"name": "rest", "stage": "train", "recipe": part, "overrides": ["train.max_steps=4"]},
         {"name": "z2", "stage": "train", "recipe": _recipe(tmp, g, "z2", deepspeed=z2)},
+        {"name": "ckpt", "stage": "train",
+         "recipe": _recipe(tmp, g, "ckpt", model={"gradient_checkpointing": True}, output={"save_final": False})},
         {"name": "auto", "stage": "train", "recipe": _recipe(tmp, g, "auto", deepspeed={"config": "auto"})},
         {"name": "tdpo2", "stage": "train", "recipe": _recipe(tmp, g, "tdpo2", loss={"method": "tdpo2"})},
         {"name": "cache_lora", "stage": "build-cache",
@@ -120,7 +122,7 @@ def test_lora_reference_is_the_policy_with_adapters_off(runs):
 
 def test_lora_same_losses_on_every_stage_and_world_size(runs):
     z3 = runs["two"]["z3"]["history"]
-    for name, res in (("z2", runs["two"]), ("auto", runs["two"]), ("z3_1rank", runs["one"])):
+    for name, res in (("z2", runs["two"]), ("auto", runs["two"]), ("ckpt", runs["two"]), ("z3_1rank", runs["one"])):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert _hist(res, name, key) == pytest.approx([h[key] for h in z3], abs=1e-5), (name, key)
     info = json.loads((runs["tmp"] / "runs" / "auto" / "run_info.json").read_text())
