@@ -66,7 +66,7 @@ def _eval(args) -> int:
         seed=args.seed,
     )
     for name, r in results.items():
-        print(name, {k: round(v, 4) for k, v in r.items() if k != "scores"})
+        print(name, {k: round(v, 4) for k, v in r.items() if isinstance(v, int | float)})  # not the per-pair lists
     print(f"generations (AlpacaEval's layout; `fpo-ds generate` writes each benchmark's own): {args.out}/generations/")
     return 0
 

@@ -237,10 +237,10 @@ def check_paths(args: argparse.Namespace) -> None:
                 f"MODEL_DIR: {model} is not a directory (under {Path.cwd()}); pass the Hugging Face model directory "
                 "to answer with, e.g. one written by `fpo-ds export CHECKPOINT OUT`"
             )
-        if not (p / "config.json").is_file():
+        if not (p / "config.json").is_file() and not lora.is_adapter_dir(p):
             raise FileNotFoundError(
-                f"MODEL_DIR: {model} has no config.json: not a Hugging Face model directory (a checkpoint step "
-                "directory needs `fpo-ds export` first)"
+                f"MODEL_DIR: {model} has no config.json (nor a LoRA adapter's adapter_config.json): not a Hugging "
+                "Face model directory (a checkpoint step directory needs `fpo-ds export` first)"
             )
     out = Path(args.out)
     probe = out / f".write-test-{os.getpid()}"

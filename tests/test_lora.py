@@ -126,3 +126,27 @@ def test_plan_models_lora_memory_and_flops():
     # 42 blocks x 16 x (q 3584+4096, k and v 3584+2048 each, o 4096+3584, gate/up/down 3584+14336 each)
     assert "54,018,048 adapter parameters train" in out
     assert "stage 0 (data parallel, no ZeRO)" in out  # one 80 GB GPU holds the 9B FPO recipe with LoRA r=16
+
+
+def test_generate_accepts_an_adapter_dir_as_its_merged_model(world, tmp_path):
+    """`fpo-ds generate` on a PEFT adapter directory answers as the merged model does (HF backend)."""
+    from test_generate import _cmd, _files
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fpo_ds import cli
+
+    lm = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)
+    peft = lora.wrap(lm, _recipe(r=4).model.lora, seed=0)
+    for name, p in lora.trainable(lm).items():  # adapters that change the answers
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(1))
+    peft.peft_config["default"].base_model_name_or_path = str(world / "model")
+    peft.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(world / "model").save_pretrained(tmp_path / "adapter")
+    peft.merge_and_unload().save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(world / "model").save_pretrained(tmp_path / "merged")
+    assert cli.main(["generate", *_cmd(tmp_path / "adapter", tmp_path / "a")]) in (0, None)
+    assert cli.main(["generate", *_cmd(tmp_path / "merged", tmp_path / "m")]) in (0, None)
+    assert cli.main(["generate", *_cmd(world / "model", tmp_path / "base")]) in (0, None)
+    adapted, merged, base = _files(tmp_path / "a"), _files(tmp_path / "m"), _files(tmp_path / "base")
+    assert adapted == merged and adapted != base
