@@ -24,7 +24,7 @@ def one(variant: str, args) -> dict:
     import torch
 
     from fpo_ds import losses
-    from fpo_ds.sae import ShardedEncoder
+    from fpo_ds.encoder import ShardedEncoder
     from fpo_ds.tools.demo import toy
 
     torch.set_num_threads(1)

@@ -18,6 +18,7 @@ limit keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import shutil
@@ -175,9 +176,10 @@ def instrument(c):
         f = c.features
         f.read = _labelled("fpo:sae_read", f.read)
         f.tap.handle.remove()
-        block = M.decoder_layers(c.engine.module)[f.tap.layer]
+        block = M.decoder_layers(c.policy.module)[f.tap.layer]
         f.tap.handle = block.register_forward_hook(_labelled("fpo:tap_hook", f.tap._hook))
-    return c._replace(objective=c.objective._replace(fn=_labelled("step:loss", c.objective.fn)), reference=reference)
+    objective = c.objective._replace(fn=_labelled("step:loss", c.objective.fn))
+    return dataclasses.replace(c, objective=objective, reference=reference)
 
 
 def _widest(c, step: int, lengths: list[int]) -> int:
@@ -205,7 +207,7 @@ def run_point(
 
     With `profile_dir`, then `profiled` steps under torch.profiler (trace and op table written there).
     """
-    from fpo_ds import components, train
+    from fpo_ds import components, dist, train
     from fpo_ds import config as C
 
     steps = size.warmup + size.timed + (size.profiled if profile_dir else 0)
@@ -213,6 +215,7 @@ def run_point(
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     recipe = C.load(RECIPE, overrides(world, run_dir, method, ds, ckpt, micro, steps, size))
+    dist.init(recipe.deepspeed.timeout_minutes)  # the entry point's job (a no-op once up)
     c = instrument(components.build(recipe, "train"))
     build_s = time.perf_counter() - t0
     from fpo_ds import data
@@ -297,7 +300,7 @@ def _teardown(c) -> None:
     """Free the point's engine and caches before the next point builds its own."""
     if c.features is not None:
         c.features.close()
-    c.engine.destroy()
+    c.policy.destroy()
     del c
     gc.collect()
     if torch.cuda.is_available():

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from fpo_ds import config as C
 from fpo_ds import data, dist
 from fpo_ds.data import Batch
-from fpo_ds.objective import RefOut
+from fpo_ds.model import RefOut
 
 FORMAT = 1
 
@@ -130,9 +130,15 @@ def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]
 
 
 class Reader:
-    """Rank-local view of the cache: loads only the parts holding this rank's pairs."""
+    """Rank-local view of the cache: loads only the parts holding this rank's pairs.
 
-    def __init__(self, recipe: C.Recipe, tokenizer, dataset_fingerprint: str, device="cpu", part: str = "train"):
+    `features`: the objective reads the cached SAE features (objective.Objective.needs_features).
+    """
+
+    def __init__(
+        self, recipe: C.Recipe, tokenizer, dataset_fingerprint: str, device="cpu", part: str = "train",
+        features: bool = False,
+    ):  # fmt: skip
         self.dir, self.device = part_dir(Path(recipe.cache.dir), part), device
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.is_file():
@@ -147,7 +153,7 @@ class Reader:
                 f"cache {self.dir} was built for a different model, tokenizer, dataset or max lengths "
                 f"(fingerprint {have.get('logps')} != {want['logps']} for this recipe); {rebuild_hint()}"
             )
-        self.features = recipe.loss.method == "fpo"
+        self.features = features
         if self.features and have.get("features") != want["features"]:
             raise ValueError(
                 f"cache {self.dir} holds features of a different SAE, pooling or k_cache than this recipe's "
@@ -198,3 +204,7 @@ class Reader:
         if not self.features:
             return RefOut(s, s / n)
         return RefOut(s, s / n, None, column("feat_idx").long(), column("feat_val"))
+
+
+if __name__ == "__main__":  # the build moved to cache_build: refuse, instead of exiting 0 having done nothing
+    raise SystemExit("fpo_ds.cache reads caches only; build one with `fpo-ds build-cache RECIPE` (fpo_ds.cache_build)")

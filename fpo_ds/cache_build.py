@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import save_file
 
-from fpo_ds import cache, components, data, dist, metrics, rundir
+from fpo_ds import cache, components, data, dist, features, metrics, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 
@@ -125,16 +125,15 @@ def _reference_pass(c, pairs: list[data.Pair], plan: list[list[list[int]]], labe
             peers = [[pairs[max(j, 0)] for j in ix] for ix in positions]
             keep = torch.tensor([j >= 0 for j in positions[rank]])
             batch = M.to_device(data.collate(peers[rank], c.tokenizer.pad_token_id), c.device)
-            if c.features:
-                c.features.arm()
-            out = M.sequence_logps(c.engine, batch)
+            fwd = features.forward(c.reference_model, batch, c.features, peers)
+            out = fwd.out
             got = {
                 "example_id": batch.example_ids.cpu(),
                 "sum_logps": _pair_rows(out.sum_logps.float()).cpu(),
                 "n_tokens": _pair_rows(out.n_tokens.int()).cpu(),
             }
             if c.features:
-                idx, val, dropped = sparse(c.features.read(batch, peers).features, k)
+                idx, val, dropped = sparse(fwd.features, k)
                 got.update(feat_idx=_pair_rows(idx), feat_val=_pair_rows(val), feat_dropped_max=_pair_rows(dropped))
             for key, value in got.items():
                 cols[key].append(value.cpu()[keep])

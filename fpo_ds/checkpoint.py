@@ -4,8 +4,10 @@ Layout under `output.dir/checkpoints/`:
     step_00000010/            DeepSpeed's files + rng_rank*.pt + hf/ (config, tokenizer)
                               + recipe.yaml + COMPLETE.json (written last: file list and sizes)
     latest                    tag of the newest complete checkpoint (replaced atomically)
+    universal/step_00000010/  that tag converted for another world size (resume.py decides when)
 
-A crash mid-save leaves a tag without COMPLETE.json and `latest` untouched.
+A crash mid-save leaves a tag without COMPLETE.json and `latest` untouched. Which tag a run
+continues from, and in which form, is resume.py's decision; `load` follows it.
 """
 
 from __future__ import annotations
@@ -70,13 +72,13 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
             C.dump(recipe, tag_dir / "recipe.yaml")
             files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
             marker = {"step": step, "world_size": dist.world_size(), "files": files, "trainable_only": adapters_only}
-            _atomic_write(tag_dir / MARKER, json.dumps(marker))
+            atomic_write(tag_dir / MARKER, json.dumps(marker))
             if adapters_only:
                 dist.log(
                     f"checkpoint {tag}: trainable state only (LoRA adapters, their optimizer states; the frozen base "
                     f"is {recipe.model.name_or_path}), {sum(files.values()) / 2**20:.2f} MiB"
                 )
-            _atomic_write(ckpt_root / "latest", tag)
+            atomic_write(ckpt_root / "latest", tag)
             _prune(ckpt_root, recipe.output.keep_last)
     except (OSError, RuntimeError) as e:
         good = complete_tags(ckpt_root)
@@ -91,7 +93,7 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
     return tag_dir
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -130,139 +132,26 @@ def verify(tag_dir: Path) -> dict:
     return info
 
 
-# Keys a resume may change: they alter how the run proceeds, not what it means. Everything else
-# (model, data, SAE, loss, global batch, seeds, optimizer and DeepSpeed settings) is refused unless
-# output.resume_allow_changes names it.
-SAFE_TO_CHANGE = {
-    "train.lr", "train.warmup_steps", "train.schedule", "train.max_steps", "train.epochs",
-    "train.micro_batch_size", "train.max_nonfinite_steps", "deepspeed.timeout_minutes", "sae.shard_group",
-    "cache.dir", "model.gradient_checkpointing", "model.attn_implementation", "model.zero_init",
-}  # fmt: skip
-SAFE_SECTIONS = ("logging.", "output.")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def recipe_changes(old: dict, new: dict) -> tuple[dict, dict]:
-    """(refused, applied) changes between a checkpoint's recipe and this one: {dotted key: (old, new)}."""
-    a, b = _flat(old), _flat(new)
-    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k in a and k in b and a[k] != b[k]}
-    safe = {k: v for k, v in changed.items() if k in SAFE_TO_CHANGE or k.startswith(SAFE_SECTIONS)}
-    return {k: v for k, v in changed.items() if k not in safe}, safe
-
-
-def check_resume(tag_dir: Path, recipe) -> dict:
-    """Refuse a resume whose recipe changes the run's meaning; return the changes that will be applied."""
-    import yaml
-
-    saved = tag_dir / "recipe.yaml"
-    if not saved.is_file():
-        return {}
-    refused, applied = recipe_changes(yaml.safe_load(saved.read_text()) or {}, C.to_dict(recipe))
-    refused = {k: v for k, v in refused.items() if k not in recipe.output.resume_allow_changes}
-    if refused:
-        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        raise ValueError(
-            f"output.dir: resuming {tag_dir} with a recipe that changes what the run means ({lines}). Mixing them "
-            "in one run would be silent. Restore those values, start a new run (another output.dir), or accept "
-            f"the change with output.resume_allow_changes=[{','.join(refused)}]"
-        )
-    return applied
-
-
-def find_resume(output_cfg) -> Path | None:
-    """The tag directory to resume from, per output.resume (auto | never | path)."""
-    if output_cfg.resume == "never":
-        return None
-    if output_cfg.resume != "auto":
-        p = Path(output_cfg.resume)
-        if not p.is_dir():
-            raise FileNotFoundError(f"output.resume: {p} is not a checkpoint directory")
-        return p
-    ckpt_root = root(output_cfg.dir)
-    latest = ckpt_root / "latest"
-    tags = complete_tags(ckpt_root)
-    if latest.is_file():
-        named = ckpt_root / latest.read_text().strip()
-        if (named / MARKER).is_file():
-            return named
-        if tags:
-            dist.log(f"{latest} names {named.name}, which is missing or incomplete; resuming from {tags[-1]} instead")
-    return ckpt_root / tags[-1] if tags else None
-
-
-def saved_world(tag_dir: Path) -> int:
-    """The world size that wrote a complete checkpoint."""
-    return int(verify(tag_dir).get("world_size", dist.world_size()))
-
-
 def partitioned(tag_dir: Path) -> bool:
     """Whether a checkpoint holds ZeRO-partitioned optimizer states (ZeRO 1-3), not one whole copy (stage 0)."""
     return any(tag_dir.glob("*zero_pp_rank_*"))
 
 
-def needs_universal(tag_dir: Path) -> bool:
-    """A resume on another world size must go through the universal form: only partitioned states are per rank."""
-    return partitioned(tag_dir) and saved_world(tag_dir) != dist.world_size()
-
-
-def universal_dir(tag_dir: Path) -> Path:
-    """Where a checkpoint's world-size-free (DeepSpeed universal) form lives: checkpoints/universal/<tag>."""
-    return tag_dir.parent / "universal" / tag_dir.name
-
-
-def to_universal(tag_dir: Path) -> Path:
-    """Rank 0: convert a checkpoint for another world size with DeepSpeed's ds_to_universal (once; reused).
-
-    ZeRO partitions the optimizer state by rank; the universal form stores it per parameter, so any
-    world size can load it (the `checkpoint.load_universal` DeepSpeed setting).
-    """
-    import subprocess
-    import sys
-
-    out = universal_dir(tag_dir)
-    if (out / MARKER).is_file():
-        return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dist.log(f"resume: {tag_dir.name} was saved by {saved_world(tag_dir)} ranks; converting it for {dist.world_size()}")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise ValueError(
-            f"output.dir: {tag_dir} was saved by {saved_world(tag_dir)} ranks and could not be converted for "
-            f"{dist.world_size()} ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}). "
-            f"Resume with {saved_world(tag_dir)} ranks, or convert by hand: {' '.join(cmd)}"
-        )
-    _atomic_write(tmp / MARKER, json.dumps({"from": str(tag_dir), "world_size": saved_world(tag_dir)}))
-    os.replace(tmp, out)
-    return out
-
-
-def load(engine, tag_dir: Path) -> dict:
+def load(engine, plan) -> dict:
     """Collective: restore engine (weights, optimizer, scheduler) and this rank's RNG; return client state.
 
-    A checkpoint from another world size loads from its universal form (train converts it first and
-    builds the engine with `checkpoint.load_universal`); the ranks' RNG streams then start afresh.
+    `plan` (resume.ResumePlan) says what to load: a checkpoint from another world size loads from
+    its universal form (the engine is built with `checkpoint.load_universal`); on another world
+    size the ranks' RNG streams start afresh.
     """
-    same_world = saved_world(tag_dir) == dist.world_size()
-    src = universal_dir(tag_dir) if needs_universal(tag_dir) else tag_dir
+    src = plan.load_from
     # A LoRA run's checkpoint holds the trainable parameters only; the frozen base comes from model.name_or_path.
     frozen = any(not p.requires_grad for p in engine.module.parameters())
     _, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=not frozen)
     if client is None:
-        raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
-    rng = tag_dir / f"rng_rank{dist.rank()}.pt"
-    if same_world and rng.is_file():
+        raise ValueError(f"{plan.tag}: DeepSpeed could not load this checkpoint")
+    rng = plan.tag / f"rng_rank{dist.rank()}.pt"
+    if plan.saved_world == dist.world_size() and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     return client
 

@@ -25,7 +25,7 @@ def _validate(args) -> int:
     if problems + path_problems:
         print(C.ConfigError(problems + path_problems, args.recipe), file=sys.stderr)
         return 1
-    for line in C.warnings(recipe):
+    for line in C.recipe_warnings(recipe):
         print(f"{args.recipe}: warning: {line}", file=sys.stderr)
     for line in notes:
         print(f"{args.recipe}: {line}")
@@ -54,7 +54,7 @@ def _eval(args) -> int:
 
     models = dict(m.split("=", 1) for m in args.model)
     judge = toy.judge if args.judge == "toy" else None
-    results = evaluate.evaluate(
+    results = evaluate.compare_models(
         models,
         args.reference,
         args.data,

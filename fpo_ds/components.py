@@ -1,10 +1,11 @@
 """Set-up, once for every entry point: recipe -> the components a distributed run needs.
 
-`build(recipe, role)` runs the same steps in the same order for training and for the cache
-build: start torch.distributed, derive the DeepSpeed config, load the tokenizer and the pairs,
-load this rank's slice of the SAE encoder (when features are wanted), build the engine, attach
-the feature reader, and (training) the reference. The rule that sae-lens is imported before
-any `deepspeed.zero.Init` lives here only (`import_sae_lens`).
+`build(recipe, role, resume)` runs the same steps in the same order for training and for the
+cache build, once torch.distributed is up (the entry point starts it): derive the DeepSpeed
+config, load the tokenizer and the pairs, load this rank's slice of the SAE encoder (when
+features are wanted), build the engine, attach the feature reader, and (training) the
+reference. The rule that sae-lens is imported before any `deepspeed.zero.Init` lives here only
+(`import_sae_lens`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import importlib.util
 import math
 import os
 import time
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -22,23 +24,33 @@ from fpo_ds import config as C
 from fpo_ds import model as M
 from fpo_ds.evaluation import EvalSet
 from fpo_ds.features import FeatureReader
+from fpo_ds.resume import ResumePlan
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
 
 Role = Literal["train", "cache"]  # the trainable policy, or the frozen reference whose outputs are cached
+Reference = objective.LiveReference | cache.Reader  # where a training run's reference outputs come from
 
 
-class Components(NamedTuple):
+@dataclass(frozen=True)
+class Components:
+    """What a distributed run works with; `build` fills it, the entry points read it by name."""
+
     recipe: C.Recipe
-    ds_cfg: dict
+    ds_cfg: dict  # the resolved DeepSpeed config
     device: str
-    tokenizer: object
-    pairs: list[data.Pair]
+    tokenizer: PreTrainedTokenizerBase
+    pairs: list[data.Pair]  # the training rows, tokenised
     data_fingerprint: str
     total_steps: int
-    engine: object  # train: the policy engine (optimizer, schedule); cache: the frozen reference engine
-    features: FeatureReader | None  # pooled SAE features of `engine` at the SAE's block
-    objective: objective.Objective | None  # train only
-    reference: objective.LiveReference | cache.Reader | None  # train only: where reference outputs come from
-    evaluation: EvalSet | None = None  # train only, with held-out pairs (data.eval_split / eval_fraction)
+    features: FeatureReader | None  # pooled SAE features at the SAE's block, of `policy` (train) or `reference_model`
+    policy: DeepSpeedEngine | None = None  # train: the trainable policy (optimizer, schedule)
+    objective: objective.Objective | None = None  # train: the loss and what it needs
+    reference: Reference | None = None  # train: the live reference or the offline cache; None without one
+    evaluation: EvalSet | None = None  # train, with held-out pairs (data.eval_split / eval_fraction)
+    reference_model: DeepSpeedEngine | None = None  # cache build: the frozen reference whose outputs are cached
 
 
 def import_sae_lens() -> None:
@@ -119,8 +131,8 @@ def _encoder(recipe: C.Recipe, device: str):
 
 
 def wants_features(recipe: C.Recipe, role: Role) -> bool:
-    """Whether this role loads the SAE: training FPO, or building a cache that stores features."""
-    return recipe.loss.method == "fpo" if role == "train" else cache.has_features(recipe)
+    """Whether this role loads the SAE: training an objective that needs features, or a cache that stores them."""
+    return objective.needs(recipe.loss).needs_features if role == "train" else cache.has_features(recipe)
 
 
 def load_data(recipe: C.Recipe, part: data.Part = "train") -> tuple[object, list[data.Pair], str]:
@@ -183,25 +195,25 @@ def _tokenize_once(sel: data.Selection, path, key: list, build) -> None:
             raise ValueError(f"data: tokenizing {sel.label} failed: {failed[0]}")
 
 
-def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Components:
-    """Collective: every rank calls it with the same recipe.
+def build(recipe: C.Recipe, role: Role, resume: ResumePlan | None = None) -> Components:
+    """Collective: every rank calls it with the same recipe, after torch.distributed is up.
 
-    `load_universal`: the engine will load a checkpoint in DeepSpeed's universal form (a resume on
-    another world size).
+    `resume` (training): the run's ResumePlan; a checkpoint from another world size makes the
+    engine load DeepSpeed's universal form, and deepspeed.config=auto keeps the run's choice.
     """
     from deepspeed.accelerator import get_accelerator
 
-    dist.init(recipe.deepspeed.timeout_minutes)
+    resume = resume or ResumePlan()
     t, world = recipe.train, dist.world_size()
-    systems = _auto_systems(recipe, role, world) if recipe.deepspeed.config == ds_config.AUTO else None
+    systems = _auto_systems(recipe, resume) if recipe.deepspeed.config == ds_config.AUTO else None
     ds_cfg = ds_config.build(recipe.deepspeed.config, t.global_batch_size, t.micro_batch_size, world, systems)
     ds_cfg["zero_allow_untested_optimizer"] = True  # torch AdamW (no JIT-compiled DeepSpeed op needed)
-    if load_universal:
+    if resume.converted:
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     device = get_accelerator().current_device_name()
     tok, pairs, fingerprint = load_data(recipe)
     steps = ds_config.total_steps(len(pairs), t)
-    for warning in C.warnings(recipe):
+    for warning in C.recipe_warnings(recipe):
         dist.log(f"warning: {warning}")
     if t.warmup_steps > steps and t.max_steps is None:
         dist.log(f"warning: train.warmup_steps={t.warmup_steps} exceeds the run's {steps} steps (lr < train.lr)")
@@ -209,49 +221,48 @@ def build(recipe: C.Recipe, role: Role, load_universal: bool = False) -> Compone
     if wants_features(recipe, role):
         import_sae_lens()
         encoder, layer = _encoder(recipe, device)
-    obj = reference = evaluation = None
-    if role == "train":
-        from fpo_ds.sae import load_feature_weights
-
-        weights = load_feature_weights(recipe.sae.feature_weights, encoder.d_sae, device) if encoder else None
-        obj = objective.build(recipe.loss, recipe.sae.k, weights)
-        engine = policy_engine(recipe, ds_cfg, steps)
-        if obj.ref_kind == "live" and recipe.model.lora.enabled:
-            reference = objective.LiveReference(engine, obj.needs_kl, adapters_off=True)
-            dist.log(_no_reference_copy(engine, ds_cfg))
-        elif obj.ref_kind == "live":
-            reference = objective.LiveReference(_reference_engine(recipe, ds_cfg, device), obj.needs_kl)
-        elif obj.ref_kind == "offline":
-            reference = cache.Reader(recipe, tok, fingerprint, device)
-        evaluation = _eval_set(recipe, obj, reference, device) if data.has_eval(recipe.data) else None
-    else:
+    common = dict(recipe=recipe, ds_cfg=ds_cfg, device=device, tokenizer=tok, pairs=pairs, data_fingerprint=fingerprint)
+    if role == "cache":
         engine = _reference_engine(recipe, ds_cfg, device)
-    features = FeatureReader(engine.module, layer, encoder) if encoder else None
+        features = FeatureReader(engine.module, layer, encoder) if encoder else None
+        _announce(recipe, role, None, len(pairs), steps, ds_cfg)
+        return Components(**common, total_steps=steps, features=features, reference_model=engine)
+    weights = objective.load_feature_weights(recipe.sae.feature_weights, encoder.d_sae, device) if encoder else None
+    obj = objective.build(recipe.loss, recipe.sae.k, weights)
+    policy = policy_engine(recipe, ds_cfg, steps)
+    reference = None
+    if obj.ref_kind == "live" and recipe.model.lora.enabled:  # the base model, adapters off: no second copy
+        reference = objective.LiveReference(policy, obj.needs_kl, adapters_off=True)
+        dist.log(_no_reference_copy(policy, ds_cfg))
+    elif obj.ref_kind == "live":
+        reference = objective.LiveReference(_reference_engine(recipe, ds_cfg, device), obj.needs_kl)
+    elif obj.ref_kind == "offline":
+        reference = cache.Reader(recipe, tok, fingerprint, device, features=obj.needs_features)
+    evaluation = _eval_set(recipe, obj, reference, device) if data.has_eval(recipe.data) else None
+    features = FeatureReader(policy.module, layer, encoder) if encoder else None
+    _announce(recipe, role, obj, len(pairs), steps, ds_cfg)
+    return Components(**common, total_steps=steps, features=features, policy=policy, objective=obj,
+                      reference=reference, evaluation=evaluation)  # fmt: skip
+
+
+def _announce(recipe: C.Recipe, role: Role, obj: objective.Objective | None, n_pairs: int, steps: int, ds_cfg: dict):
+    t, world = recipe.train, dist.world_size()
     dist.log(
-        f"fpo-ds {role}: {recipe.loss.method if role == 'train' else 'reference cache'}"
-        f"{f' (reference: {obj.ref_kind})' if obj else ''}, {len(pairs)} pairs, {steps} steps, world {world}, "
+        f"fpo-ds {role}: {recipe.loss.method if obj else 'reference cache'}"
+        f"{f' (reference: {obj.ref_kind})' if obj else ''}, {n_pairs} pairs, {steps} steps, world {world}, "
         f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x {world} ranks x accumulation "
         f"{ds_cfg['gradient_accumulation_steps']}, ZeRO-{ds_config.zero_stage(ds_cfg)}, {ds_config.torch_dtype(ds_cfg)}"
     )
-    parts = (recipe, ds_cfg, device, tok, pairs, fingerprint, steps, engine, features, obj, reference)
-    return Components(*parts, evaluation)
 
 
-def _auto_systems(recipe: C.Recipe, role: Role, world: int) -> dict:
+def _auto_systems(recipe: C.Recipe, resume: ResumePlan) -> dict:
     """deepspeed.config=auto: the resumed run's choice (its checkpoint's layout), else a fresh one."""
-    import json
-    from pathlib import Path
-
-    from fpo_ds import checkpoint
-
-    info = Path(recipe.output.dir) / "run_info.json"
-    if role == "train" and checkpoint.find_resume(recipe.output) is not None and info.is_file():
-        saved = json.loads(info.read_text()).get("deepspeed_config")
-        if saved:
-            drop = (*ds_config.BATCH_KEYS, "steps_per_print", "zero_allow_untested_optimizer", "checkpoint")
-            dist.log(f"deepspeed.config=auto: resuming under the run's choice (stage {ds_config.zero_stage(saved)})")
-            return {k: v for k, v in saved.items() if k not in drop}
-    choice = zero_auto.resolve(recipe, world, dist.local_world_size())
+    saved = resume.deepspeed_config if resume.tag is not None else None
+    if saved:
+        drop = (*ds_config.BATCH_KEYS, "steps_per_print", "zero_allow_untested_optimizer", "checkpoint")
+        dist.log(f"deepspeed.config=auto: resuming under the run's choice (stage {ds_config.zero_stage(saved)})")
+        return {k: v for k, v in saved.items() if k not in drop}
+    choice = zero_auto.resolve(recipe, dist.world_size(), dist.local_world_size())
     dist.log(choice.reason)
     return choice.systems
 
@@ -279,7 +290,7 @@ def _eval_set(recipe: C.Recipe, obj: objective.Objective, reference, device: str
     """The held-out pairs and their reference: the live one, or the offline cache's held-out part."""
     tok, pairs, fingerprint = load_data(recipe, "eval")
     if obj.ref_kind == "offline":
-        reference = cache.Reader(recipe, tok, fingerprint, device, part="eval")
+        reference = cache.Reader(recipe, tok, fingerprint, device, part="eval", features=obj.needs_features)
     source = data.rows_source(recipe.data, "eval")
     dist.log(f"held-out metrics: {len(pairs)} pairs of {source}, every {recipe.train.eval_every or 'end of'} step(s)")
     return EvalSet(pairs, reference, source)

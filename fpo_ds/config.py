@@ -18,15 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-METHODS = ("sft", "dpo", "ipo", "simpo", "tdpo1", "tdpo2", "fpo")
 # Paper defaults (arXiv 2411.07618): beta 0.1 everywhere except SimPO's 2.0.
 DEFAULT_BETA = {"sft": 0.0, "dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1, "fpo": 0.1}
 MISSING_REQUIRED = object()
-# Where recipes/tiny.yaml's model and data come from (named in missing-path errors).
-WORLD_HINT = (
-    "recipes/tiny.yaml's model and data are written by `fpo-ds toy runs/world` (`make demo` writes its own "
-    "worlds, runs/demo/seed<N>/world, e.g. model.name_or_path=runs/demo/seed1/world/model)"
-)
 
 
 class ConfigError(ValueError):
@@ -518,7 +512,7 @@ def _check_data(d: DataConfig, method: str, problems: list[str]) -> None:
             problems.append(f"{key}.count: must be >= 1, got {m.count}")
 
 
-def warnings(r: Recipe) -> list[str]:
+def recipe_warnings(r: Recipe) -> list[str]:
     """Settings that are legal but probably not meant; training and `fpo-ds validate` print them."""
     out = []
     if r.train.max_steps is not None and r.train.warmup_steps > r.train.max_steps:

@@ -21,9 +21,10 @@ from fpo_ds import data_sources as S
 from fpo_ds import tokenized as T
 from fpo_ds.data_formats import BadRow
 from fpo_ds.data_sources import Source, check_jsonl
-from fpo_ds.losses import IGNORE_INDEX
 
 __all__ = ["BadRow", "Source", "check_jsonl", "load_rows"]  # re-exported: callers name them as data.*
+
+IGNORE_INDEX = -100  # the label of prompt and padding positions (the Hugging Face loss ignores it)
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def load(src: Source, split: str | None = None, key: str | None = None):
 
 
 def _load_file(p: Path, key: str):
-    from fpo_ds.config import WORLD_HINT
+    from fpo_ds.local_paths import WORLD_HINT
 
     if p.suffix not in LOCAL_BUILDERS:
         raise ValueError(

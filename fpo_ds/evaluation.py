@@ -18,17 +18,18 @@ held-out metrics trains the same numbers as one without, and resumes the same.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from fpo_ds import data, dist, metrics
+from fpo_ds import data, dist, features, metrics
 from fpo_ds import model as M
 
 
 class EvalSet(NamedTuple):
     pairs: list[data.Pair]
-    reference: object | None  # objective.LiveReference or cache.Reader for these pairs; None without one
+    reference: Callable[[data.Batch], M.RefOut] | None  # objective.LiveReference or cache.Reader; None: no reference
     source: str  # data.rows_source(...), for messages
 
 
@@ -50,27 +51,24 @@ def _micro(c, ev: EvalSet, positions: list[list[int]]) -> dict[str, torch.Tensor
     batch = M.to_device(data.collate(pick(positions[rank]), c.tokenizer.pad_token_id), c.device)
     w = torch.tensor([float(j >= 0) for j in positions[rank]], device=c.device)
     ref = ev.reference(batch) if ev.reference is not None else None
-    if c.features:
-        c.features.arm()
-    pol = M.sequence_logps(c.engine, batch, ref.head if c.objective.needs_kl else None)
-    if c.features:
-        pol = pol._replace(features=c.features.read(batch, [pick(ix) for ix in positions]).features)
-    out = c.objective.fn(pol, ref)
-    return metrics.pair_metrics(out, pol, w) | _accuracies(pol, ref, w)
+    peers = [pick(ix) for ix in positions] if c.features else None
+    fwd = features.forward(c.policy, batch, c.features, peers, ref.head if c.objective.needs_kl else None)
+    out = c.objective.fn(fwd.out, ref, fwd.features)
+    return metrics.pair_metrics(out, fwd.out, w) | _accuracies(fwd.out, ref, w)
 
 
-def evaluate(c) -> dict[str, float]:
+def held_out_metrics(c) -> dict[str, float]:
     """Collective: the held-out metrics of the current policy (`c`: components.Components)."""
     ev = c.evaluation
     t0 = time.perf_counter()
     plan = data.eval_plan(len(ev.pairs), c.recipe.train.micro_batch_size, dist.world_size())
-    was_training = c.engine.training
-    c.engine.eval()
+    was_training = c.policy.training
+    c.policy.eval()
     try:
         with torch.no_grad():
             sums = [_micro(c, ev, positions) for positions in plan]
     finally:
-        c.engine.train(was_training)
+        c.policy.train(was_training)
     out = {f"eval_{k}": v for k, v in metrics.reduce(sums, c.device).items()}
     out["eval_time_s"] = time.perf_counter() - t0
     return out

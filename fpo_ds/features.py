@@ -4,17 +4,17 @@ It owns the three parts of reading features: the residual tap on block L, this r
 the SAE encoder (sharded over its group), and the size of the group's token gather, which it
 takes from the data (every rank knows every rank's pairs) instead of a collective.
 
-    reader.arm()                  # before the forward pass whose block-L output is wanted
-    logps = sequence_logps(engine, batch)
-    feats = reader.read(batch, peers)   # (2b, d_sae) + bytes moved + encode time
+`forward` is the one place the sequence arm -> forward -> read is written; training, held-out
+metrics and the cache build call it.
 """
 
 from __future__ import annotations
 
-from fpo_ds.data import Batch, Pair, response_tokens
-from fpo_ds.losses import IGNORE_INDEX
-from fpo_ds.model import ResidualTap
-from fpo_ds.sae import Encoded, ShardedEncoder
+from typing import NamedTuple
+
+from fpo_ds.data import IGNORE_INDEX, Batch, Pair, response_tokens
+from fpo_ds.encoder import Encoded, ShardedEncoder
+from fpo_ds.model import RefHead, ResidualTap, SeqOut, sequence_logps
 
 
 class FeatureReader:
@@ -41,3 +41,25 @@ class FeatureReader:
 
     def close(self) -> None:
         self.tap.remove()
+
+
+class Forward(NamedTuple):
+    """One forward pass: the per-sequence outputs and, with a feature reader, the pooled SAE features."""
+
+    out: SeqOut
+    sae: Encoded | None  # (2b, d_sae) features at the SAE's block, with the bytes moved and the encode time
+
+    @property
+    def features(self):
+        return self.sae.features if self.sae is not None else None
+
+
+def forward(engine, batch: Batch, reader: FeatureReader | None, peers=None, ref: RefHead | None = None) -> Forward:
+    """`engine`'s forward over the batch (KL to `ref` for TDPO), reading its block-L features when `reader` is given.
+
+    Collective in the reader's shard group. `peers`: as FeatureReader.read.
+    """
+    if reader is not None:
+        reader.arm()
+    out = sequence_logps(engine, batch, ref)
+    return Forward(out, reader.read(batch, peers) if reader is not None else None)

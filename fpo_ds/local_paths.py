@@ -12,6 +12,12 @@ from pathlib import Path
 from fpo_ds import config as C
 from fpo_ds import ds_config
 
+# Where recipes/tiny.yaml's model and data come from (named in every missing-local-path error).
+WORLD_HINT = (
+    "recipes/tiny.yaml's model and data are written by `fpo-ds toy runs/world` (`make demo` writes its own "
+    "worlds, runs/demo/seed<N>/world, e.g. model.name_or_path=runs/demo/seed1/world/model)"
+)
+
 
 def looks_local(name: str) -> bool:
     """A path rather than a hub id ("org/name" or "name"): absolute, ./ ../ ~, or more than one slash."""
@@ -32,7 +38,7 @@ def _model(name: str, problems: list[str], notes: list[str]) -> None:
     elif looks_local(name):
         problems.append(
             f"model.name_or_path: {_where(p)} does not exist; pass a save_pretrained directory or a hub id. "
-            + C.WORLD_HINT
+            + WORLD_HINT
         )
     else:
         notes.append(f"model.name_or_path: not checked: hub id {name}")
@@ -60,7 +66,7 @@ def _data(data_cfg, problems: list[str], notes: list[str]) -> None:
         elif k == "file" and not p.is_file():
             problems.append(
                 f"{key}: {_where(p)} does not exist; pass a .jsonl/.json/.parquet/.csv/.arrow file, a glob, "
-                f"a save_to_disk directory or a hub dataset. {C.WORLD_HINT}"
+                f"a save_to_disk directory or a hub dataset. {WORLD_HINT}"
             )
 
 

@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-
 
 def _at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -44,19 +42,6 @@ def capped_logits(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
-def head_logps(
-    hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None = None, chunk: int | None = None
-) -> Tensor:
-    """Log-prob of each target token from final hidden states. (n, d), (V, d), (n,) -> (n,), at least fp32.
-
-    `hidden[i]` is the final hidden state (after the model's final norm) at the position that
-    predicts `targets[i]`. Equals log_softmax(capped_logits(hidden @ weight.T))[i, targets[i]],
-    with logits for `chunk` (default LOGIT_CHUNK) positions at a time, in forward and
-    (recomputed) in backward.
-    """
-    return head_outputs(hidden, weight, targets, softcap, chunk=chunk)[0]
-
-
 def head_outputs(
     hidden: Tensor,
     weight: Tensor,
@@ -66,36 +51,23 @@ def head_outputs(
     gather_ref: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     chunk: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-probs, KL to a reference, mean logits. -> (n,), (n,) or (0,), (n,).
+    """Log-probs, KL to a reference, mean logits. (n, d), (V, d), (n,) -> (n,), (n,) or (0,), (n,); >= fp32.
 
-    `head_logps`; given `ref` = (ref_hidden, ref_weight), `head_logps_kl`'s KL (else an empty
-    tensor); and each position's mean logit over the vocabulary, without gradient. The mean logit
+    `hidden[i]` is the final hidden state (after the model's final norm) at the position that
+    predicts `targets[i]`; its log-prob equals log_softmax(capped_logits(hidden @ weight.T))[i,
+    targets[i]], with logits for `chunk` (default LOGIT_CHUNK) positions at a time, in forward
+    and (recomputed) in backward. Given `ref` = (ref_hidden (n, d), ref_weight (V, d)), also
+    each position's KL(pi_ref || pi_theta) over the full vocabulary, from the reference's own
+    hidden states and head with the same softcapping, no gradient flowing to either (its
+    gradient w.r.t. the policy's logits z is p_theta - p_ref); else an empty tensor.
+    `gather_ref()` is entered around each pass that reads `ref_weight` (under ZeRO-3 it
+    all-gathers that partitioned weight): once in forward, once in backward. Last, each
+    position's mean logit over the vocabulary, without gradient. The mean logit
     is what TRL logs as `logits/chosen` and `logits/rejected` (averaged over response tokens); it
     costs one sum over each chunk's logits, which exist anyway.
     """
     ref_hidden, ref_weight = (ref[0].detach(), ref[1]) if ref is not None else (None, None)
     return _HeadLogps.apply(hidden, weight, targets, softcap, chunk or LOGIT_CHUNK, ref_hidden, ref_weight, gather_ref)
-
-
-def head_logps_kl(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    ref_hidden: Tensor,
-    ref_weight: Tensor,
-    softcap: float | None = None,
-    chunk: int | None = None,
-    gather_ref: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[Tensor, Tensor]:
-    """`head_logps`, and per position KL(pi_ref || pi_theta) over the full vocabulary. -> (n,), (n,).
-
-    The reference's distribution comes from its own final hidden states `ref_hidden` (n, d) and
-    head `ref_weight` (V, d), with the same softcapping; no gradient flows to either. The
-    gradient of the KL with respect to the policy's logits z is p_theta - p_ref.
-    `gather_ref()` is entered around each pass that reads `ref_weight` (under ZeRO-3 it
-    all-gathers that partitioned weight): once in forward, once in backward.
-    """
-    return head_outputs(hidden, weight, targets, softcap, (ref_hidden, ref_weight), gather_ref, chunk)[:2]
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, softcap: float | None) -> Tensor:

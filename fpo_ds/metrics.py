@@ -88,7 +88,7 @@ def step_metrics(
 ) -> dict[str, float]:
     """One optimizer step's record: reduced pair metrics, throughput, and the step's costs.
 
-    `sae`: the step's feature reads (sae.Encoded); their bytes are this rank's group traffic,
+    `sae`: the step's feature reads (encoder.Encoded); their bytes are this rank's group traffic,
     forward and backward, and their clocks the encode time. `cache_read_s`: host time reading
     the offline cache.
     """
@@ -269,3 +269,33 @@ class Writer:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+class Clock:
+    """Sums the time of marked spans without syncing the device when marking (CUDA events on GPU)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spans: list = []
+        self.host = 0.0
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, t0) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.spans.append((t0, ev))
+        else:
+            self.host += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        """Total of the marked spans (waits for the device on GPU: read once per step)."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+        return self.host + sum(a.elapsed_time(b) for a, b in self.spans) / 1000.0

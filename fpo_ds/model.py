@@ -3,11 +3,11 @@
 Under ZeRO-3 the model is constructed partitioned (transformers' HfDeepSpeedConfig makes
 `from_pretrained` run inside `deepspeed.zero.Init`), so a 9B model is never whole on a rank.
 Random initialisation never happens here: tiny test models are written to disk first
-(see tools/toy.py), which sidesteps transformers' init on already-partitioned embeddings.
+(see tools/demo/toy.py), which sidesteps transformers' init on already-partitioned embeddings.
 
 Engines are built around `ResponseLM`, whose forward returns per-sequence response log-probs
 without the (2b, T, V) logits: the LM head runs on the response positions only, a chunk of
-positions at a time (losses.head_logps). At Gemma-2's 256k vocabulary, micro-batch 2 and 1024
+positions at a time (losses.head_outputs). At Gemma-2's 256k vocabulary, micro-batch 2 and 1024
 tokens, the full logits alone were 4 x 1024 x 256000 x 4 B = 4 GiB in fp32.
 """
 
@@ -21,13 +21,11 @@ import torch
 
 from fpo_ds import hub
 from fpo_ds import losses as L
-from fpo_ds.config import WORLD_HINT
-from fpo_ds.data import Batch
+from fpo_ds.data import IGNORE_INDEX, Batch
 from fpo_ds.ds_config import torch_dtype, zero_stage
-from fpo_ds.losses import IGNORE_INDEX
+from fpo_ds.local_paths import WORLD_HINT, looks_local
 
-# Models whose code must be imported before zero.Init patches tensor constructors.
-_PRELOADED = False
+_PRELOADED = False  # the supported models' code is imported (before any zero.Init)
 
 
 # What each supported *ForCausalLM.forward (transformers 5.24) applies between the decoder's final
@@ -52,7 +50,16 @@ class SeqOut(NamedTuple):
     kl: torch.Tensor | None = None  # (2b,) D_SeqKL(ref || this model), when a reference head was given (TDPO)
     sum_mean_logits: torch.Tensor | None = None  # (2b,) per-position vocabulary-mean logits, summed (no gradient)
     ref_head: RefHead | None = None  # this model as TDPO's reference (keep_hidden=True)
-    features: torch.Tensor | None = None  # (2b, d_sae) pooled SAE features (FPO; set by the trainer)
+
+
+class RefOut(NamedTuple):
+    """The reference's per-sequence outputs, from a live engine (objective.LiveReference) or the offline cache."""
+
+    sum_logps: torch.Tensor  # (2b,) summed reference log-probs
+    mean_logps: torch.Tensor  # (2b,) per-token mean reference log-probs
+    head: RefHead | None = None  # live reference only (TDPO): its hidden states and head, for the KL
+    feat_idx: torch.Tensor | None = None  # (2b, k_cache) cached top features (offline cache, FPO)
+    feat_val: torch.Tensor | None = None  # (2b, k_cache) their pooled values
 
 
 class Response(NamedTuple):
@@ -165,11 +172,17 @@ class ResponseLM(torch.nn.Module):
 
 
 def _preload_model_code() -> None:
-    """Import model classes before zero.Init (lazy imports inside it break its patching)."""
+    """Import every SOFTCAP_ATTR model's class before zero.Init (lazy imports inside it break its patching)."""
     global _PRELOADED
     if not _PRELOADED:
         import transformers.generation.utils  # noqa: F401
-        from transformers import Gemma2ForCausalLM, LlamaForCausalLM  # noqa: F401
+        from transformers import (  # noqa: F401  (one per SOFTCAP_ATTR type; tests/test_model_support.py checks)
+            Gemma2ForCausalLM,
+            GemmaForCausalLM,
+            LlamaForCausalLM,
+            MistralForCausalLM,
+            Qwen2ForCausalLM,
+        )
 
         _PRELOADED = True
 
@@ -218,8 +231,7 @@ def frozen_engine(model_cfg, ds_cfg: dict, whole: bool = False):
 def check_model_path(name_or_path: str) -> None:
     """A local-looking path that does not exist is a typo, not a hub id: say so before the hub is tried."""
     p = Path(name_or_path)
-    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
-    if looks_local and not p.exists():
+    if looks_local(name_or_path) and not p.exists():
         raise FileNotFoundError(
             f"model.name_or_path: {name_or_path} does not exist under {Path.cwd()} (a local directory was "
             f"expected): pass model.name_or_path=<save_pretrained directory or hub id>. {WORLD_HINT}"

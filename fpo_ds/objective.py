@@ -1,37 +1,64 @@
 """Choose the loss once at set-up: recipe loss section -> one function of the step's outputs.
 
-Each objective takes the policy's per-sequence outputs and the reference's (live engine or
-offline cache; None for SFT/SimPO) and returns losses.LossOut. Sequences are ordered
-(chosen rows; rejected rows), so `_halves` splits them into pairs.
+Each objective takes the policy's per-sequence outputs, the reference's (live engine or offline
+cache; None for SFT/SimPO) and, for FPO, the policy's pooled SAE features, and returns
+losses.LossOut. Sequences are ordered (chosen rows; rejected rows), so `_halves` splits them
+into pairs. What a method needs (a reference, TDPO's KL head, SAE features) is said here once,
+in `NEEDS`; every other module asks the run's Objective (or `needs(loss_cfg)` before one exists).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 
 from fpo_ds import losses as L
 from fpo_ds.data import Batch
-from fpo_ds.model import RefHead, SeqOut, sequence_logps
+from fpo_ds.model import RefOut, SeqOut, sequence_logps
 
 RefKind = Literal["none", "live", "offline"]  # no reference, a frozen model run each step, or the cache
 
 
-class RefOut(NamedTuple):
-    sum_logps: torch.Tensor  # (2b,) summed reference log-probs
-    mean_logps: torch.Tensor  # (2b,) per-token mean reference log-probs
-    head: RefHead | None = None  # live reference only (TDPO): its hidden states and head, for the KL
-    feat_idx: torch.Tensor | None = None  # (2b, k_cache) cached top features (offline cache, FPO)
-    feat_val: torch.Tensor | None = None  # (2b, k_cache) their pooled values
+class Needs(NamedTuple):
+    """What a method needs besides the policy's log-probs; known from the recipe alone."""
+
+    ref_kind: RefKind
+    needs_kl: bool  # the full-vocabulary KL between the live reference and the policy (TDPO)
+    needs_features: bool  # the policy's pooled SAE features at the SAE's block, and the cache's (FPO)
+
+
+# The one table of methods (config.LossConfig validates the name): "recipe" means loss.reference.
+NEEDS: dict[str, tuple[str, bool, bool]] = {
+    "sft": ("none", False, False),
+    "dpo": ("recipe", False, False),
+    "ipo": ("recipe", False, False),
+    "simpo": ("none", False, False),
+    "tdpo1": ("live", True, False),
+    "tdpo2": ("live", True, False),
+    "fpo": ("offline", False, True),
+}
+
+
+def needs(loss_cfg) -> Needs:
+    """The recipe's method's needs (loss_cfg: config.LossConfig)."""
+    ref_kind, kl, features = NEEDS[loss_cfg.method]
+    return Needs(loss_cfg.reference if ref_kind == "recipe" else ref_kind, kl, features)
+
+
+Loss = Callable[[SeqOut, "RefOut | None", "torch.Tensor | None"], L.LossOut]  # (policy, reference, features)
 
 
 class Objective(NamedTuple):
-    fn: Callable[[SeqOut, RefOut | None], L.LossOut]
+    """The run's loss and what it needs: built once at set-up; every module asks it, never the method name."""
+
+    fn: Loss
     ref_kind: RefKind
-    needs_kl: bool  # the full-vocabulary KL between the live reference and the policy (TDPO)
+    needs_kl: bool
+    needs_features: bool
 
 
 class LiveReference:
@@ -62,39 +89,50 @@ def build(loss_cfg, k: int = 50, feature_weights: torch.Tensor | None = None) ->
     """The recipe's objective; `k` and `feature_weights` (d_sae,) matter for fpo only."""
     method, beta, alpha = loss_cfg.method, loss_cfg.resolved_beta, loss_cfg.alpha
 
-    def sft(pol: SeqOut, ref: RefOut | None) -> L.LossOut:
+    def sft(pol: SeqOut, ref: RefOut | None, features=None) -> L.LossOut:
         mean_c, _ = _halves(pol.sum_logps / pol.n_tokens)
         zero = torch.zeros_like(mean_c).detach()
         return L.LossOut(L.sft(mean_c), zero, zero)
 
-    def dpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+    def dpo(pol: SeqOut, ref: RefOut, features=None) -> L.LossOut:
         return L.dpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), beta)
 
-    def ipo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+    def ipo(pol: SeqOut, ref: RefOut, features=None) -> L.LossOut:
         return L.ipo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(pol.n_tokens), beta)
 
-    def simpo(pol: SeqOut, ref: RefOut | None) -> L.LossOut:
+    def simpo(pol: SeqOut, ref: RefOut | None, features=None) -> L.LossOut:
         return L.simpo(*_halves(pol.sum_logps / pol.n_tokens), beta, loss_cfg.gamma_beta_ratio)
 
-    def tdpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
+    def tdpo(pol: SeqOut, ref: RefOut, features=None) -> L.LossOut:
         kl = pol.kl  # computed in the policy's forward from ref.head (model.sequence_logps)
         version = 1 if method == "tdpo1" else 2
         out = L.tdpo(*_halves(pol.sum_logps), *_halves(ref.sum_logps), *_halves(kl), beta, alpha, version)
         kl_c, kl_r = _halves(kl.detach())
         return out._replace(extra={"tdpo/seq_kl_chosen": kl_c, "tdpo/seq_kl_rejected": kl_r})
 
-    def fpo(pol: SeqOut, ref: RefOut) -> L.LossOut:
-        d = L.feature_mse(pol.features, ref.feat_idx, ref.feat_val, k, feature_weights)
+    def fpo(pol: SeqOut, ref: RefOut, features: torch.Tensor) -> L.LossOut:
+        d = L.feature_mse(features, ref.feat_idx, ref.feat_val, k, feature_weights)
         mean = pol.sum_logps / pol.n_tokens
         return L.fpo(*_halves(mean), *_halves(ref.mean_logps), *_halves(d), beta, alpha)
 
-    table = {
-        "fpo": (fpo, "offline", False),
-        "sft": (sft, "none", False),
-        "dpo": (dpo, loss_cfg.reference, False),
-        "ipo": (ipo, loss_cfg.reference, False),
-        "simpo": (simpo, "none", False),
-        "tdpo1": (tdpo, "live", True),
-        "tdpo2": (tdpo, "live", True),
-    }
-    return Objective(*table[method])
+    fns = {"sft": sft, "dpo": dpo, "ipo": ipo, "simpo": simpo, "tdpo1": tdpo, "tdpo2": tdpo, "fpo": fpo}
+    return Objective(fns[method], *needs(loss_cfg))
+
+
+def load_feature_weights(path: str | None, d_sae: int, device) -> torch.Tensor | None:
+    """Per-feature constraint weights (d_sae,) from a .pt or .safetensors file (key 'weights')."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"sae.feature_weights: {p} not found")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        w = load_file(str(p)).get("weights")
+    else:
+        w = torch.load(p, map_location="cpu")
+    if not isinstance(w, torch.Tensor) or w.shape != (d_sae,):
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"sae.feature_weights: {p} must hold one tensor of shape ({d_sae},), got {got}")
+    return w.float().to(device)

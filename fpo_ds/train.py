@@ -17,11 +17,11 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from fpo_ds import checkpoint, data, dist, evaluation, faults, metrics, rundir
+from fpo_ds import checkpoint, data, dist, evaluation, faults, features, metrics, resume, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 from fpo_ds.components import Components, build
-from fpo_ds.sae import Encoded
+from fpo_ds.encoder import Encoded
 
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
 
@@ -30,19 +30,24 @@ SkipReason = Literal["loss", "gradient"]  # a non-finite loss, or a non-finite g
 
 
 class MicroResult(NamedTuple):
-    """One micro-batch: metric sums (None when skipped), the skip reason, and its costs."""
+    """One micro-batch: metric sums (device tensors), whether its losses were finite, and its costs."""
 
-    sums: dict[str, torch.Tensor] | None
-    skip: SkipReason | None
+    sums: dict[str, torch.Tensor]
+    finite: torch.Tensor  # () bool, on the device: every loss of this micro-batch is finite (read at the step's end)
     sae: Encoded | None  # FPO: the feature read (bytes moved, encode time)
     cache_read_s: float  # host time spent reading the offline cache
-    stop: bool  # some rank has been asked to stop (preemption), as of this micro-batch
-    grad_norm: float | None = None  # the step's gradient norm where DeepSpeed keeps none (fp32 without ZeRO)
+
+
+class Verdict(NamedTuple):
+    """What the ranks agreed at the step's last micro-batch (the step's one host synchronisation)."""
+
+    bad_loss: bool  # some rank saw a non-finite loss in this step: the whole step is skipped
+    stop: bool  # some rank has been asked to stop (preemption)
 
 
 class StepResult(NamedTuple):
     metrics: dict[str, float]
-    skipped_ids: list[int]  # pair ids of a skipped step (empty otherwise)
+    skipped_ids: list[int]  # this rank's pair ids of a skipped step (empty otherwise)
     skip: SkipReason | None
     stop: bool  # every rank agrees to stop after this step (a rank got SIGUSR1/SIGTERM)
 
@@ -54,57 +59,28 @@ def _any_rank(device: str, *flags: bool | torch.Tensor) -> list[bool]:
     return [bool(x) for x in t.tolist()]
 
 
-def _skip_micro_batch(c: Components, batch: data.Batch) -> None:
-    """Every rank drops this micro-batch's gradients; the step runs at lr 0 (weights unchanged)."""
-    for group in c.engine.optimizer.param_groups:
-        group["lr"] = 0.0  # the scheduler sets it again after this optimizer step
-    # DeepSpeed's optimizer step needs a backward; a 2-token forward times 0 gives finite zero grads.
-    zero = c.engine(input_ids=batch.input_ids[:1, :2]).logits.float().sum() * 0.0
-    c.engine.backward(zero)
-    c.engine.step()
-
-
 def micro_step(
-    c: Components, batch: data.Batch, poison: faults.Poison | None, peers: list | None, stop: bool = False
-) -> MicroResult:
-    """Forward (chosen and rejected concatenated), loss, backward.
+    c: Components, batch: data.Batch, poison: faults.Poison | None, peers: list | None
+) -> tuple[MicroResult, torch.Tensor]:
+    """Forward (chosen and rejected concatenated) and loss; returns the result and the loss to back-propagate.
 
-    Ranks decide together. A non-finite loss on any rank: every rank drops this micro-batch's
-    gradients (skip "loss", sums None). A non-finite gradient norm at the step's last micro-batch:
-    DeepSpeed skips the optimizer step (skip "gradient"). The same all-reduce carries this rank's
-    `stop` request (preemption), so stopping costs no collective of its own.
+    Nothing here waits for the device: whether the losses were finite stays a device tensor,
+    read once per optimizer step (train_step).
     """
     batch = M.to_device(batch, c.device)
     t0 = time.perf_counter()
     ref = c.reference(batch) if c.reference is not None else None
     read_s = time.perf_counter() - t0 if c.objective.ref_kind == "offline" else 0.0  # host work only: no sync
-    if c.features:
-        c.features.arm()
-    pol = M.sequence_logps(c.engine, batch, ref.head if c.objective.needs_kl else None)
-    sae = c.features.read(batch, peers) if c.features else None
-    out = c.objective.fn(pol._replace(features=sae.features) if sae else pol, ref)
+    fwd = features.forward(c.policy, batch, c.features, peers, ref.head if c.objective.needs_kl else None)
+    out = c.objective.fn(fwd.out, ref, fwd.features)
     if poison == "loss":
         out = out._replace(losses=out.losses * float("nan"))
     elif poison == "gradient":
         out.losses.register_hook(lambda g: g * float("nan"))
-    nonfinite, stop = _any_rank(c.device, ~torch.isfinite(out.losses.detach()).all(), stop)
-    if nonfinite:
-        del out, pol, ref  # drop the poisoned graph: its gradients would be NaN
-        _skip_micro_batch(c, batch)
-        return MicroResult(None, "loss", sae, read_s, stop)
-    c.engine.backward(out.losses.mean())
-    boundary = c.engine.is_gradient_accumulation_boundary()  # this micro-batch ends the step
-    own_norm = _plain_grad_norm(c.engine) if boundary else None
-    if own_norm is not None and not math.isfinite(own_norm):
-        c.engine.module.zero_grad(set_to_none=True)  # as DeepSpeed's ZeRO optimizers do: no update this step
-    c.engine.step()
-    # DeepSpeed's ZeRO optimizers (deepspeed pinned in pyproject) skip a step whose gradient norm is
-    # not finite, zeroing the gradients; under fp16 that is routine loss scaling, not a fault.
-    bad_grad = boundary and getattr(c.engine.optimizer, "overflow", False) and not c.engine.fp16_enabled()
-    bad_grad = bad_grad or (own_norm is not None and not math.isfinite(own_norm))
-    sums = metrics.pair_metrics(out, pol)
+    sums = metrics.pair_metrics(out, fwd.out)
     sums["tokens"] = batch.attention_mask.sum().double()
-    return MicroResult(sums, "gradient" if bad_grad else None, sae, read_s, stop, own_norm)
+    finite = torch.isfinite(out.losses.detach()).all()
+    return MicroResult(sums, finite, fwd.sae, read_s), out.losses.mean()
 
 
 def _plain_grad_norm(engine) -> float | None:
@@ -119,46 +95,79 @@ def _plain_grad_norm(engine) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _backward_and_step(c: Components, loss: torch.Tensor, verdict: Verdict | None) -> tuple[bool, float | None]:
+    """Backward and DeepSpeed's step; at the step's boundary returns (gradient not finite, own grad norm).
+
+    A step with a non-finite loss on any rank is skipped whole: its last backward is made
+    non-finite on every rank, so the step's gradient is, and the optimizer skips the update as it
+    does for any non-finite gradient (DeepSpeed's ZeRO and 16-bit optimizers: no weight change,
+    Adam's moments and step count untouched; fp32 without ZeRO: the gradients are dropped here,
+    and torch's Adam skips parameters without one). Under fp16 that is also a loss-scale overflow.
+    """
+    if verdict is not None and verdict.bad_loss:
+        loss = loss * float("nan")
+    c.policy.backward(loss)
+    boundary = c.policy.is_gradient_accumulation_boundary()  # this micro-batch ends the step
+    own_norm = _plain_grad_norm(c.policy) if boundary else None
+    if own_norm is not None and not math.isfinite(own_norm):
+        c.policy.module.zero_grad(set_to_none=True)  # as DeepSpeed's ZeRO optimizers do: no update this step
+    c.policy.step()
+    # DeepSpeed's optimizers (deepspeed pinned in pyproject) skip a step whose gradient norm is not
+    # finite, zeroing the gradients; under fp16 that is routine loss scaling, not a fault.
+    bad_grad = boundary and getattr(c.policy.optimizer, "overflow", False) and not c.policy.fp16_enabled()
+    bad_grad = bad_grad or (own_norm is not None and not math.isfinite(own_norm))
+    return bool(bad_grad), own_norm
+
+
 def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | None = None) -> StepResult:
-    """One optimizer step (this rank's share of the global batch, in micro-batches grouped by `lengths`)."""
-    t0, lr = time.time(), c.engine.get_lr()[0]
+    """One optimizer step (this rank's share of the global batch, in micro-batches grouped by `lengths`).
+
+    Skip semantics: a non-finite loss on any rank, or a non-finite gradient, skips the whole step
+    (optimizer state untouched) and every pair id of the step is reported. The ranks agree on it,
+    and on a stop request, in one all-reduce at the step's last micro-batch, before its backward:
+    the only host synchronisation the loop adds.
+    """
+    t0, lr = time.time(), c.policy.get_lr()[0]
     t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
     seed, g, mb = c.recipe.data.seed, t.global_batch_size, t.micro_batch_size
     plan = data.micro_batches(len(c.pairs), seed, step, g, mb, world, lengths)
     poison = faults.poison(step + 1)
-    results, skipped = [], []
-    for positions in plan:
+    results: list[MicroResult] = []
+    verdict = Verdict(False, False)
+    bad_grad, own_norm = False, None
+    for i, positions in enumerate(plan):
         chunk = [c.pairs[j] for j in positions[rank]]
         # The feature reader sizes its group's token gather from every rank's pairs (no collective).
         peers = [[c.pairs[j] for j in ix] for ix in positions] if c.features else None
-        asked = stop is not None and stop.signal is not None
-        res = micro_step(c, data.collate(chunk, c.tokenizer.pad_token_id), poison, peers, asked)
+        res, loss = micro_step(c, data.collate(chunk, c.tokenizer.pad_token_id), poison, peers)
         results.append(res)
-        skipped += [p.example_id for p in chunk] if res.sums is None else []
-    skip = next((x.skip for x in results if x.skip), None)
-    if skip == "gradient":  # the whole step's accumulated gradient was dropped
-        skipped = [c.pairs[j].example_id for positions in plan for j in positions[rank]]
-    own = results[-1].grad_norm
-    grad_norm = float("nan") if skip == "gradient" else own if own is not None else float(
-        c.engine.get_global_grad_norm() or 0.0
-    )
+        last = None
+        if i == len(plan) - 1:
+            finite = torch.stack([r.finite for r in results]).all()
+            asked = stop is not None and stop.signal is not None
+            last = verdict = Verdict(*_any_rank(c.device, ~finite, asked))
+        bad_grad, own_norm = _backward_and_step(c, loss, last)
+    skip = "loss" if verdict.bad_loss else "gradient" if bad_grad else None
+    skipped = [c.pairs[j].example_id for positions in plan for j in positions[rank]] if skip else []
+    grad_norm = own_norm if own_norm is not None else float(c.policy.get_global_grad_norm() or 0.0)
+    grad_norm = float("nan") if skip else grad_norm
     m = metrics.step_metrics(
-        [x.sums for x in results if x.sums is not None],
+        [x.sums for x in results] if skip != "loss" else [],
         c.device,
-        lr=0.0 if skipped else lr,
+        lr=0.0 if skip else lr,
         grad_norm=grad_norm,
         seconds=time.time() - t0,
         global_batch=t.global_batch_size,
         sae=[x.sae for x in results] if c.features else None,
         cache_read_s=sum(x.cache_read_s for x in results) if c.objective.ref_kind == "offline" else None,
     )
-    if not skipped and not math.isfinite(m["grad_norm"]):
+    if not skip and not math.isfinite(m["grad_norm"]):
         raise FloatingPointError(
             f"step {step + 1}: gradient norm is {m['grad_norm']} with a finite loss; the weights are no longer "
             "finite, so training stops before any checkpoint is written. Resume from the last checkpoint "
             "(output.resume=auto) with a lower train.lr or fp32"
         )
-    return StepResult(m, skipped, skip, results[-1].stop)
+    return StepResult(m, skipped, skip, verdict.stop)
 
 
 DONE = "DONE.json"  # written last by a run that reached its final step
@@ -216,64 +225,49 @@ def run(recipe: C.Recipe) -> Result:
     """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
     dist.init(recipe.deepspeed.timeout_minutes)
     stop = Preemption()  # after the rendezvous: a signal during that wait ends the process at once
-    with rundir.exclusive(lambda: _claim(recipe)):
-        return _run(recipe, stop)
+    decided: list[resume.ResumePlan] = []  # rank 0's, filled under the run lock
+    with rundir.exclusive(lambda: _claim(recipe, decided)):
+        return _run(recipe, resume.share(decided[0] if decided else None), stop)
 
 
-def _claim(recipe: C.Recipe):
-    """Rank 0, before anything is loaded: the run lock, a ready output.dir, and a resume that keeps its meaning."""
+def _claim(recipe: C.Recipe, decided: list):
+    """Rank 0, before anything is loaded: the run lock, a ready output.dir, and the resume plan."""
     lock = rundir.claim(recipe.output.dir, "output.dir")
     rundir.prepare(recipe.output)
-    resume_dir = checkpoint.find_resume(recipe.output)
-    if resume_dir is not None:
-        checkpoint.check_resume(resume_dir, recipe)
-        if checkpoint.needs_universal(resume_dir):
-            checkpoint.to_universal(resume_dir)
+    decided.append(resume.decide(recipe))
     return lock
 
 
-class Resumed(NamedTuple):
-    step: int  # optimizer steps already done (0: a fresh run)
-    dir: Path | None
-    changes: dict  # recipe keys changed since the checkpoint: (old, new)
-    num_tokens: float  # input tokens consumed so far (TRL's cumulative `num_tokens`)
-
-
-def _resume(c: Components, recipe: C.Recipe) -> Resumed:
-    """Collective: load the checkpoint per output.resume, apply the recipe's lr."""
-    resume_dir = checkpoint.find_resume(recipe.output)
-    if resume_dir is None:
-        return Resumed(0, None, {}, 0.0)
-    client = checkpoint.load(c.engine, resume_dir)
-    changes = checkpoint.check_resume(resume_dir, recipe)
+def _load(c: Components, recipe: C.Recipe, plan: resume.ResumePlan) -> tuple[int, float]:
+    """Collective: load the plan's checkpoint, apply the recipe's lr; (steps done, input tokens consumed so far)."""
+    if plan.tag is None:
+        return 0, 0.0
+    client = checkpoint.load(c.policy, plan)
     # The restored schedule carries the old run's base lr; the recipe's is the one to follow from here.
-    sched = c.engine.lr_scheduler
+    sched = c.policy.lr_scheduler
     sched.base_lrs = [recipe.train.lr for _ in sched.base_lrs]
-    for group, base, f in zip(c.engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+    for group, base, f in zip(c.policy.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * f(sched.last_epoch)
-    start = client["step"]
-    dist.log(f"resumed from {resume_dir} at step {start} ({client['consumed_samples']} samples consumed)")
-    for key, (old, new) in changes.items():
-        dist.log(f"resume: {key} changed {old!r} -> {new!r}; applied from step {start + 1}")
+    dist.log(f"resumed from {plan.tag} at step {client['step']} ({client['consumed_samples']} samples consumed)")
     # Checkpoints written before the token count was saved: it restarts from the samples' share.
-    return Resumed(start, resume_dir, changes, float(client.get("num_tokens", 0.0)))
+    return client["step"], float(client.get("num_tokens", 0.0))
 
 
-def _run(recipe: C.Recipe, stop: Preemption) -> Result:
+def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
     t_start = time.time()
-    resume_dir = checkpoint.find_resume(recipe.output)
-    other_world = resume_dir is not None and checkpoint.needs_universal(resume_dir)
-    c = build(recipe, "train", load_universal=other_world)
-    start, resume_dir, changes, num_tokens = _resume(c, recipe)
+    for line in plan.describe():
+        dist.log(line)
+    c = build(recipe, "train", plan)
+    start, num_tokens = _load(c, recipe, plan)
     if dist.rank() == 0:
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
         rundir.repair_metrics(Path(recipe.output.dir) / "metrics.jsonl", start)  # a resume replays steps > start
         info = {
             "recipe": C.to_dict(recipe),
             "world_size": dist.world_size(),
-            "resumed_from": str(resume_dir or ""),
+            "resumed_from": str(plan.tag or ""),
             "start_step": start,
-            "resume_changes": {k: list(v) for k, v in changes.items()},
+            "resume_changes": {k: list(v) for k, v in plan.changes.items()},
             "total_steps": c.total_steps,
             "deepspeed_config": c.ds_cfg,  # as resolved (deepspeed.config=auto records its choice)
             "data_sources": data.LAST_SOURCES,  # rows read, selected and kept per source (a mixture's too)
@@ -287,7 +281,7 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
     lengths = [data.padded_length(p) for p in c.pairs]
     steps_per_epoch = len(c.pairs) // recipe.train.global_batch_size
     if c.evaluation is not None and recipe.train.eval_every and start == 0:  # the starting policy's baseline
-        base = evaluation.evaluate(c)
+        base = evaluation.held_out_metrics(c)
         dist.log(metrics.eval_line(0, base))
         writer.write(0, base, start)
     stop.training = True
@@ -298,8 +292,11 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
         num_tokens += m["step_tokens"]
         m.update(nonfinite_skipped_steps=bad_total, num_tokens=num_tokens, epoch=(step + 1) / steps_per_epoch)
         if skipped:
-            ids = sorted(set(sum(_gather_lists(skipped), [])))
-            dist.log(f"step {step + 1}: non-finite {reason}; step skipped (weights unchanged). Pair ids: {ids[:20]}")
+            ids = sorted(set(sum(_gather_lists(skipped), [])))  # every pair of the step, from every rank
+            dist.log(
+                f"step {step + 1}: non-finite {reason}; step skipped (weights and optimizer state unchanged). "
+                f"Pair ids: {ids}"
+            )
             if bad_run >= recipe.train.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{bad_run} steps in a row with a non-finite loss or gradient (last: step {step + 1}, "
@@ -308,13 +305,13 @@ def _run(recipe: C.Recipe, stop: Preemption) -> Result:
                 )
         done = step + 1
         if _eval_due(recipe.train, done, c.total_steps, c.evaluation):
-            m.update(evaluation.evaluate(c))
+            m.update(evaluation.held_out_metrics(c))
             dist.log(metrics.eval_line(done, m))
         history.append({"step": done, **m})
         writer.write(done, m, start)
         if _save_due(recipe.output, done, c.total_steps) or preempted:
             client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size, "num_tokens": num_tokens}
-            saved = checkpoint.save(c.engine, recipe, done, client, c.engine.module.config, c.tokenizer)
+            saved = checkpoint.save(c.policy, recipe, done, client, c.policy.module.config, c.tokenizer)
         if preempted:
             how = "interrupted" if stop.signal == "SIGINT" else "preempted"
             dist.log(

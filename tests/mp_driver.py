@@ -33,9 +33,9 @@ def gathered_state(engine) -> dict:
 
 def fixed_logits(c) -> torch.Tensor:
     batch = data.collate(c.pairs[:2], c.tokenizer.pad_token_id)
-    c.engine.eval()
+    c.policy.eval()
     with torch.no_grad():
-        logits = c.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = c.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return torch.cat(
         [batch.input_ids.unsqueeze(-1).float(), batch.attention_mask.unsqueeze(-1).float(), logits.float()], -1
     )
@@ -104,7 +104,7 @@ def main(spec_path: str, out_dir: str) -> None:
             results[item["name"]]["comms"] = [g[0] for g in gathered]
             results[item["name"]]["comms_steps"] = [g[1] for g in gathered]
         if item.get("dump"):
-            state = gathered_state(c.engine)
+            state = gathered_state(c.policy)
             logits = fixed_logits(c)
             if dist.rank() == 0:
                 torch.save({"state": state, "logits": logits}, out / f"{item['name']}.pt")
@@ -158,7 +158,7 @@ def _variant_name(arch: str, extra: dict) -> str:
 def sae_check(groups: list) -> dict:
     """Sharded encode vs sae-lens's own encode on the full SAE, forward and gradients, per shard group."""
     from fpo_ds import losses
-    from fpo_ds.sae import ShardedEncoder
+    from fpo_ds.encoder import ShardedEncoder
     from fpo_ds.tools.demo import toy
 
     res = {}

@@ -19,7 +19,7 @@ from fpo_ds import config as C
 from fpo_ds import data as D
 from fpo_ds import ds_config
 from fpo_ds import model as M
-from fpo_ds.losses import IGNORE_INDEX
+from fpo_ds.data import IGNORE_INDEX
 from fpo_ds.sae import check_against_model, load_sae
 from fpo_ds.tools.demo import toy
 

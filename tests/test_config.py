@@ -128,3 +128,14 @@ def test_values_training_would_refuse_are_refused_at_load(tmp_path, override, me
     with pytest.raises(C.ConfigError) as e:
         C.load(p, [override])
     assert message in str(e.value), str(e.value)
+
+
+def test_one_method_list():
+    """The recipe's method names (LossConfig.method) are the objective's table and the beta defaults, no more."""
+    import typing
+
+    from fpo_ds import objective
+
+    names = set(typing.get_args(typing.get_type_hints(C.LossConfig)["method"]))
+    assert len(names) == 7 and names == set(objective.NEEDS) == set(C.DEFAULT_BETA)
+    assert [m for m in sorted(names) if objective.needs(C.LossConfig(method=m)).needs_features] == ["fpo"]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fpo_ds import data as D
-from fpo_ds.losses import IGNORE_INDEX
+from fpo_ds.data import IGNORE_INDEX
 
 ROW = {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "The answer is 6."}
 UF_ROW = {

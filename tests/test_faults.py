@@ -103,14 +103,26 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them
 
     out = tmp_path / "skip"  # ZeRO-3: step 3 has a NaN loss on rank 1, step 4 NaN gradients with a finite loss
     env = {"FPO_DS_FAULT": "nan_loss@3;nan_grad@4"}
-    text = _train(world, out, "train.max_steps=5", "output.save_every=1", port=29705, env=env)
+    text = _train(world, out, "train.max_steps=5", "output.save_every=1", "output.keep_last=5", port=29705, env=env)
     recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert recs[3]["loss"] is None and recs[3]["lr"] == 0.0 and recs[3]["nonfinite_skipped_steps"] == 1
     assert math.isfinite(recs[4]["loss"]) and recs[4]["grad_norm"] is None and recs[4]["lr"] == 0.0
     assert recs[4]["nonfinite_skipped_steps"] == 2 and math.isfinite(recs[2]["loss"])
     assert recs[5]["lr"] > 0 and recs[5]["nonfinite_skipped_steps"] == 2  # the next step trains again
     assert "step 3: non-finite loss; step skipped" in text and "step 4: non-finite gradient; step skipped" in text
-    assert "Pair ids: [" in text
+    ids = re.search(r"step 3: non-finite loss; step skipped .*Pair ids: \[([0-9, ]+)\]", text)
+    assert ids and len(ids.group(1).split(",")) == 8  # every pair of the step (global batch 8), not one micro-batch's
+    # The whole step is skipped with the optimizer untouched: Adam's moments and step count after the two
+    # skipped steps are those after step 2, on every rank.
+    ckpt = out / "checkpoints"
+    for shard in sorted((ckpt / "step_00000002").glob("*optim_states.pt")):
+        before = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        after = torch.load(ckpt / "step_00000004" / shard.name, map_location="cpu", weights_only=False)
+        after = after["optimizer_state_dict"]
+        assert after.pop("overflow") and not before.pop("overflow")  # DeepSpeed's flag of the last (skipped) step
+        before.pop("loss_scaler"), after.pop("loss_scaler")  # an object without ==; fp32: scale 1, not dynamic
+        assert before["optimizer_state_dict"]["state"] and _same_state(before, after), shard.name
+    assert len(list((ckpt / "step_00000002").glob("*optim_states.pt"))) == 2  # both ranks' shards were compared
     skipped = load_file(
         str(checkpoint.export(out / "checkpoints" / "step_00000004", tmp_path / "a") / "model.safetensors")
     )
@@ -132,6 +144,17 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them
     assert "step 2: non-finite gradient; step skipped" in text, text[-3000:]
     assert "2 steps in a row with a non-finite loss or gradient (last: step 3" in text
     assert not (halted / "checkpoints").exists()  # nothing written after the weights became suspect
+
+
+def _same_state(a, b) -> bool:
+    """Equal optimizer states: every tensor and number, recursively (Adam's moments and step counts included)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_state, a, b))
+    return a == b
 
 
 def _long_run(world, out: Path, port: int, logged: int) -> subprocess.Popen:

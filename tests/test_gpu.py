@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpo_ds import dist, losses
+from fpo_ds import data, dist, losses
 from fpo_ds import model as M
-from fpo_ds.sae import ShardedEncoder
+from fpo_ds.encoder import ShardedEncoder
 from fpo_ds.tools.demo import toy
 
 pytestmark = pytest.mark.gpu
@@ -89,7 +89,7 @@ def _full_logits_logps(lm, batch) -> torch.Tensor:
     """The oracle: the Hugging Face forward's (B, T, V) logits, log-softmax in fp32, summed per sequence."""
     logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     labels = batch.labels[:, 1:]
-    mask = labels != losses.IGNORE_INDEX
+    mask = labels != data.IGNORE_INDEX
     lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return (lp * mask).sum(-1)
 

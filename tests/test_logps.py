@@ -27,6 +27,8 @@ VARIANTS = {  # name -> (arch, final_logit_softcapping override or "keep")
     "gemma2-nocap": ("gemma2", None),
     "llama": ("llama", "keep"),
 }
+# Every other model type model.SOFTCAP_ATTR accepts: its log-probs, KL and mean logits against the HF forward.
+OTHER_MODELS = {a: (a, "keep") for a in ("gemma", "mistral", "qwen2")}
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -35,7 +37,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 def token_logps(logits, labels):
     """(B, T, V), (B, T) -> (B, T): log-softmax at the label; 0 where ignored."""
-    mask = labels != L.IGNORE_INDEX
+    mask = labels != data.IGNORE_INDEX
     lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return lp * mask
 
@@ -49,7 +51,7 @@ def sequence_kl(ref_logits, pol_logits, mask):
 def oracle_outputs(pol, ref, batch, needs_kl):
     """(policy SeqOut, reference (sum, n)) from the full logits."""
     labels = batch.labels[:, 1:]
-    mask = labels != L.IGNORE_INDEX
+    mask = labels != data.IGNORE_INDEX
     logits = pol(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     with torch.no_grad():
         ref_logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
@@ -70,7 +72,7 @@ def new_outputs(pol, ref, batch, needs_kl):
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("logps")
-    return {a: toy.write_world(tmp / a, a, n_train=16, n_eval=4) for a in ("gemma2", "llama")}
+    return {a: toy.write_world(tmp / a, a, n_train=16, n_eval=4) for a in ("gemma2", "llama", *OTHER_MODELS)}
 
 
 def _batch(world: Path, n_pairs: int = 3):
@@ -108,16 +110,15 @@ def _loss_and_grads(method, pol, ref, batch, outputs):
     if tap:
         tap.arm()
     pol_out, ref_sum = outputs(pol, ref, batch, needs_kl)
-    ref_out = O.RefOut(ref_sum, ref_sum / pol_out.n_tokens)
+    ref_out, feats = M.RefOut(ref_sum, ref_sum / pol_out.n_tokens), None
     if method == "fpo":  # a fixed random ReLU encoder on block 1's residual stream, and a fixed "cache"
         g = torch.Generator().manual_seed(3)
         w_enc = torch.randn(pol.config.hidden_size, 12, generator=g)
-        feats = L.masked_mean(torch.relu(tap.take() @ w_enc), batch.labels != L.IGNORE_INDEX)
-        pol_out = pol_out._replace(features=feats)
+        feats = L.masked_mean(torch.relu(tap.take() @ w_enc), batch.labels != data.IGNORE_INDEX)
         idx = torch.randint(0, 12, (feats.shape[0], 5), generator=g)
         ref_out = ref_out._replace(feat_idx=idx, feat_val=torch.rand(idx.shape, generator=g))
         tap.remove()
-    loss = obj.fn(pol_out, ref_out).losses.mean()
+    loss = obj.fn(pol_out, ref_out, feats).losses.mean()
     pol.zero_grad(set_to_none=True)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in pol.named_parameters()}
@@ -141,9 +142,9 @@ def test_every_method_matches_full_logits(worlds, monkeypatch, variant, method):
         torch.testing.assert_close(got_g[name], want_g[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, *OTHER_MODELS])
 def test_sequence_values_and_kl_match(worlds, variant):
-    arch, cap = VARIANTS[variant]
+    arch, cap = {**VARIANTS, **OTHER_MODELS}[variant]
     pol, ref = _models(worlds[arch], cap)
     batch = _batch(worlds[arch], 4)
     with torch.no_grad():
@@ -156,15 +157,15 @@ def test_sequence_values_and_kl_match(worlds, variant):
     assert got.ref_head is None
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, *OTHER_MODELS])
 @pytest.mark.parametrize("with_kl", [False, True])
 def test_mean_logits_match_the_hf_forward(worlds, monkeypatch, variant, with_kl):
     """TRL's logits/*: per sequence, the sum over response positions of the vocabulary-mean logit."""
-    arch, cap = VARIANTS[variant]
+    arch, cap = {**VARIANTS, **OTHER_MODELS}[variant]
     monkeypatch.setattr(L, "LOGIT_CHUNK", 7)
     pol, ref = _models(worlds[arch], cap)
     batch = _batch(worlds[arch], 4)
-    mask = batch.labels[:, 1:] != L.IGNORE_INDEX
+    mask = batch.labels[:, 1:] != data.IGNORE_INDEX
     with torch.no_grad():
         logits = pol(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         want = (logits.float().mean(-1) * mask).sum(-1)
@@ -247,3 +248,18 @@ def test_bf16_close_to_full_logits(worlds):
         got, _ = new_outputs(pol, ref, batch, True)
     torch.testing.assert_close(got.sum_logps, want.sum_logps, rtol=0, atol=1e-3)
     torch.testing.assert_close(got.kl, want.kl, rtol=0, atol=1e-3)
+
+
+def test_every_supported_model_type_is_preloaded_and_has_a_tiny_model(tmp_path):
+    """zero.Init breaks lazy imports: each SOFTCAP_ATTR type's modeling code is imported before it (fresh process)."""
+    import subprocess
+    import sys
+
+    kinds = sorted(M.SOFTCAP_ATTR)
+    assert set(kinds) == {"gemma2", "llama", *OTHER_MODELS}  # each one has a tiny model in this file's tests
+    code = (
+        "import sys; from fpo_ds import model as M; M._preload_model_code(); "
+        f"print([k for k in {kinds!r} if f'transformers.models.{{k}}.modeling_{{k}}' not in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

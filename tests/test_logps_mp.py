@@ -15,6 +15,7 @@ import torch
 from helpers import subprocess_env
 from test_logps import oracle_outputs
 
+from fpo_ds import model as M
 from fpo_ds import objective as O
 from fpo_ds import pipeline
 from fpo_ds.config import LossConfig
@@ -62,7 +63,7 @@ def _oracle(method: str, policy_dir: Path, ref_dir: Path, batch):
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).requires_grad_(False)
     obj = O.build(LossConfig(method=method))
     pol_out, ref_sum = oracle_outputs(pol, ref, batch, obj.needs_kl)
-    loss = obj.fn(pol_out, O.RefOut(ref_sum, ref_sum / pol_out.n_tokens)).losses.mean()
+    loss = obj.fn(pol_out, M.RefOut(ref_sum, ref_sum / pol_out.n_tokens)).losses.mean()
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in pol.named_parameters()}
 

@@ -28,9 +28,9 @@ def _head_case(n=9, d=4, v=7, seed=0):
 
 
 @pytest.mark.parametrize("softcap", [None, 0.8])
-def test_head_logps_by_hand(softcap):
+def test_head_outputs_logps_by_hand(softcap):
     h, w, y = _head_case()
-    got = L.head_logps(h, w, y, softcap, chunk=4)  # chunks of 4, 4 and 1
+    got = L.head_outputs(h, w, y, softcap, chunk=4)[0]  # chunks of 4, 4 and 1
     for i in range(h.shape[0]):
         z = [sum(a * b for a, b in zip(h[i].tolist(), w[j].tolist())) for j in range(w.shape[0])]
         z = [softcap * math.tanh(x / softcap) for x in z] if softcap else z
@@ -39,18 +39,18 @@ def test_head_logps_by_hand(softcap):
 
 
 @pytest.mark.parametrize("softcap", [None, 0.8])
-def test_head_logps_kl_by_hand_and_zero_at_equality(softcap):
+def test_head_outputs_kl_by_hand_and_zero_at_equality(softcap):
     h, w, y = _head_case()
     hr, wr, _ = _head_case(seed=1)
     entered = []
-    _, kl = L.head_logps_kl(h, w, y, hr, wr, softcap, chunk=4, gather_ref=lambda: _Entered(entered))
+    _, kl, _ = L.head_outputs(h, w, y, softcap, (hr, wr), lambda: _Entered(entered), chunk=4)
     assert entered == [1]  # the reference weight is gathered once for the whole forward, not per chunk
     cap = (lambda z: softcap * torch.tanh(z / softcap)) if softcap else (lambda z: z)
     for i in range(h.shape[0]):
         p = torch.softmax(cap(wr @ hr[i]), -1).tolist()
         q = torch.softmax(cap(w @ h[i]), -1).tolist()
         assert kl[i].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), abs=1e-12)
-    _, same = L.head_logps_kl(h, w, y, h, w, softcap)
+    _, same, _ = L.head_outputs(h, w, y, softcap, (h, w))
     assert torch.allclose(same, torch.zeros_like(same), atol=1e-12)
 
 
@@ -66,19 +66,19 @@ class _Entered:
 
 
 @pytest.mark.parametrize("softcap", [None, 0.8])
-def test_head_logps_gradients_by_finite_differences(softcap):
+def test_head_outputs_gradients_by_finite_differences(softcap):
     """Backward recomputes each chunk's logits: d_hidden and d_weight against torch's numerical gradient."""
     h, w, y = _head_case(n=5, d=3, v=6)
     hr, wr, _ = _head_case(n=5, d=3, v=6, seed=1)
-    torch.autograd.gradcheck(lambda a, b: L.head_logps(a, b, y, softcap, chunk=2), (h, w))
+    torch.autograd.gradcheck(lambda a, b: L.head_outputs(a, b, y, softcap, chunk=2)[0], (h, w))
 
     def both(a, b):
-        logps, kl = L.head_logps_kl(a, b, y, hr.detach(), wr.detach(), softcap, chunk=2)
+        logps, kl, _ = L.head_outputs(a, b, y, softcap, (hr.detach(), wr.detach()), chunk=2)
         return logps * 0.3 + kl  # both outputs' gradients flow back through one chunk loop
 
     torch.autograd.gradcheck(both, (h, w))
     entered = []
-    logps, kl = L.head_logps_kl(h, w, y, hr, wr, softcap, chunk=2, gather_ref=lambda: _Entered(entered))
+    logps, kl, _ = L.head_outputs(h, w, y, softcap, (hr, wr), lambda: _Entered(entered), chunk=2)
     (logps.sum() + kl.sum()).backward()
     assert entered == [1, 1]  # once in forward, once in backward
     assert hr.grad is None and wr.grad is None  # the reference gets no gradient

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fpo_ds import checkpoint, rundir
 from fpo_ds import config as C
+from fpo_ds import resume, rundir
 
 BASE = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, "loss": {"method": "dpo"}}
 
@@ -16,11 +16,11 @@ BASE = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, "loss": {"m
 def test_recipe_changes_split_into_refused_and_applied():
     old = C.to_dict(C.from_dict(BASE))
     new = C.to_dict(C.from_dict({**BASE, "loss": {"method": "ipo"}, "train": {"lr": 1e-3, "global_batch_size": 64}}))
-    refused, applied = checkpoint.recipe_changes(old, new)
+    refused, applied = resume.recipe_changes(old, new)
     assert set(refused) == {"loss.method", "train.global_batch_size"} and set(applied) == {"train.lr"}
     assert refused["loss.method"] == ("dpo", "ipo")
     logging_only = C.to_dict(C.from_dict({**BASE, "logging": {"every": 5}, "sae": {"shard_group": "world"}}))
-    assert checkpoint.recipe_changes(old, logging_only)[0] == {}
+    assert resume.recipe_changes(old, logging_only)[0] == {}
 
 
 def test_second_holder_is_refused_naming_the_first(tmp_path, capsys):
@@ -98,3 +98,9 @@ def test_launch_exit_code_tells_preemption_from_failure():
     assert (args.training_script, args.module, args.training_script_args) == ("fpo_ds.train", True, [
         "recipes/tiny.yaml", "train.lr=1"])  # fmt: skip
     assert "SIGUSR1" in args.signals_to_handle and args.shutdown_timeout == launch.SHUTDOWN_TIMEOUT_S
+
+
+def test_the_old_cache_entry_point_refuses_with_a_pointer():
+    """`python -m fpo_ds.cache` once built the cache; it now says where the build went instead of exiting 0."""
+    proc = subprocess.run([sys.executable, "-m", "fpo_ds.cache"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "fpo-ds build-cache RECIPE" in proc.stderr

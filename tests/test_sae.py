@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fpo_ds import dist, losses
-from fpo_ds.sae import ShardedEncoder, comm_bytes_per_call, pack_bits, unpack_bits
+from fpo_ds.encoder import ShardedEncoder, comm_bytes_per_call, pack_bits, unpack_bits
 from fpo_ds.tools.demo import toy
 
 VARIANTS = {
@@ -59,3 +59,15 @@ def test_shard_group_sizes_and_refusals():
         dist.group_size(3, 16, 8)
     with pytest.raises(ValueError, match="sae.shard_group: 'node' gives groups of 3"):
         dist.group_size("node", 16, 3)  # 16 ranks cannot be nodes of 3
+
+
+@pytest.mark.parametrize("variant", ["jumprelu", "topk-decnorm"])
+def test_every_encoder_tensor_sits_on_the_given_device(variant):
+    """A CUDA encoder must not keep one tensor (TopK's decoder norms) on the CPU: checked on the meta device."""
+    arch, extra = VARIANTS[variant]
+    sae = toy.random_sae(arch, 8, 20, 0, seed=4, **extra)
+    enc = ShardedEncoder(sae, dist.Group((0,), 0, None), device="meta")
+    held = {name: t for name, t in vars(enc).items() if isinstance(t, torch.Tensor)}
+    assert held.keys() == enc.tensors().keys()  # tensors() (and resident_bytes) sees every one
+    assert ("dec_norm" if arch == "topk" else "threshold") in held
+    assert {name: t.device.type for name, t in held.items()} == dict.fromkeys(held, "meta")

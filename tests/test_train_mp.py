@@ -287,7 +287,9 @@ def test_tensorboard_and_offline_wandb_when_asked(runs):
 
 
 def test_zero_init_never_materialises_the_model(runs):
-    for rank_res in runs["two"]["zero_init"]["per_rank"]:
+    per_rank = runs["two"]["zero_init"]["per_rank"]
+    assert len(per_rank) == 2  # both ranks reported
+    for rank_res in per_rank:
         assert rank_res["local_numel"] == 0 and rank_res["ds_numel"] > 100_000
 
 
@@ -471,12 +473,12 @@ def test_sharded_encoder_matches_sae_lens(runs):
 
 
 def _reader(recipe_path, *overrides):
-    from fpo_ds import cache, components
+    from fpo_ds import cache, components, objective
     from fpo_ds import config as C
 
     recipe = C.load(recipe_path, list(overrides))
     tok, _, fingerprint = components.load_data(recipe)
-    return cache.Reader(recipe, tok, fingerprint)
+    return cache.Reader(recipe, tok, fingerprint, features=objective.needs(recipe.loss).needs_features)
 
 
 def test_cache_refuses_wrong_or_damaged(runs, tmp_path):

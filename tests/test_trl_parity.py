@@ -188,6 +188,7 @@ def test_ipo_rewards_are_length_normalised(runs):
     With one pair per step, fpo-ds's reward times the response length is TRL's.
     """
     r = runs["ipo"]
+    assert len(r["fpo"]) == len(r["trl"]) == len(r["order"]) == STEPS  # one pair per step, every step compared
     for a, b, pair in zip(r["fpo"], r["trl"], r["order"]):
         n_c, n_r = len(pair.chosen_ids), len(pair.rejected_ids)
         assert _close(a["rewards/chosen"] * n_c, b["rewards/chosen"], n_c), (a["step"], a, b)

@@ -50,7 +50,7 @@ def pair_stats(model, pairs: list[data.Pair], pad_id: int, sae=None, layer: int 
         out["mean_c"].append(mean[:b])
         out["mean_r"].append(mean[b:])
         if tap:
-            feats = losses.masked_mean(sae.encode(tap.take()), batch.labels != losses.IGNORE_INDEX)
+            feats = losses.masked_mean(sae.encode(tap.take()), batch.labels != data.IGNORE_INDEX)
             out["feat_c"].append(feats[:b])
             out["feat_r"].append(feats[b:])
     if tap:
@@ -106,7 +106,7 @@ def kl_and_entropy(model, ref, tokenizer, prompts: list[str], gens: list[list[in
     return sum(kls) / max(len(kls), 1), ents / max(n_tok, 1)
 
 
-def evaluate(
+def compare_models(
     models: dict[str, str],
     reference: str,
     eval_path: str,

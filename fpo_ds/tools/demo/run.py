@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fpo_ds import checkpoint
+from fpo_ds import checkpoint, objective
 from fpo_ds.tools.demo import evaluate, report, toy
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
@@ -161,7 +161,7 @@ def method_overrides(out: Path, method: str, seed: int, steps: int) -> dict:
         "output.save_every": 0,
         "logging.every": 20,
     }
-    if method == "fpo":
+    if objective.NEEDS[method][2]:  # the method constrains SAE features: the SAE and the cache that holds them
         o.update({"sae.path": d / "sae", "sae.k": 16, "cache.dir": d / "cache", "loss.alpha": 0.5})
     return o
 
@@ -210,7 +210,7 @@ def _evaluate(out: Path, seed: int) -> None:
     d = seed_dir(out, seed)
     models = {m: str(_export_final(out / "runs" / f"{m}-s{seed}", out / "models" / f"{m}-s{seed}")) for m in METHODS}
     say(f"eval seed {seed}")
-    evaluate.evaluate(
+    evaluate.compare_models(
         models,
         str(d / "sft"),
         str(d / "world/data/eval.jsonl"),

@@ -77,8 +77,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 384):
 
 
 def tiny_config(arch: str, vocab_size: int, tokenizer=None, hidden: int = 64, layers: int = 4):
-    """A few-layer model of the given family (gemma2 or llama), small enough for CPU tests."""
-    from transformers import Gemma2Config, LlamaConfig
+    """A few-layer model of the given family (one per model.SOFTCAP_ATTR type), small enough for CPU tests."""
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -100,7 +100,13 @@ def tiny_config(arch: str, vocab_size: int, tokenizer=None, hidden: int = 64, la
         return Gemma2Config(**common, sliding_window=128, query_pre_attn_scalar=hidden // 4)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
-    raise ValueError(f"unknown tiny arch {arch!r}: use gemma2 or llama")
+    if arch == "gemma":  # tied embeddings, no softcap
+        return GemmaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny arch {arch!r}: use gemma2, gemma, llama, mistral or qwen2")
 
 
 def write_world(

@@ -201,7 +201,7 @@ def sae_bytes_per_call(group: int, n_max: int, d_in: int, rows: int, d_sae: int,
     The backward moves the gather and the all-to-all again (not the TopK gather: the cut-off has no
     gradient). G = 1 (shard_group none) keeps the whole encoder on the rank: nothing moves.
     """
-    from fpo_ds.sae import comm_bytes_per_call  # the encoder's own counter: one formula for both
+    from fpo_ds.encoder import comm_bytes_per_call  # the encoder's own counter: one formula for both
 
     return comm_bytes_per_call(group, n_max, d_in, rows, -(-d_sae // group), item, 4, topk)
 

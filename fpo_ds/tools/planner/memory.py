@@ -101,7 +101,7 @@ def estimate(
 
 def _sae_memory(d_sae: int, d_in: int, tokens: int, group: int) -> dict:
     """The encoder slice and its encode buffers on one rank of a shard group of `group` ranks."""
-    from fpo_ds.sae import ShardedEncoder
+    from fpo_ds.encoder import ShardedEncoder
 
     width = math.ceil(d_sae / group)
     gathered = group * tokens  # upper bound: every position a response token

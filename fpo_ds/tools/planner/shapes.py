@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -78,7 +77,7 @@ def model_config(name_or_path: str):
             )
         return AutoConfig.from_pretrained(name_or_path)
     if name_or_path not in HUB_CONFIGS:
-        from fpo_ds.config import WORLD_HINT
+        from fpo_ds.local_paths import WORLD_HINT
 
         looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
         raise ValueError(
@@ -92,32 +91,6 @@ def model_config(name_or_path: str):
 
 
 # ----------------------------------------------------------------------------- SAE width
-
-
-@lru_cache(maxsize=1)
-def _registry() -> dict:
-    """sae-lens's shipped registry (pretrained_saes.yaml) without importing sae_lens.
-
-    As fpo_ds.sae._registry, parsed with libyaml's C loader when PyYAML has it: the 1.5 MB file
-    takes ~0.6 s that way against ~5 s in pure Python.
-    """
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("sae_lens")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    path = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(path.read_text(), Loader=loader) if path.is_file() else {}
-
-
-def _registry_entry(release: str, sae_id: str) -> dict | None:
-    for entry in _registry().get(release, {}).get("saes", []):
-        if entry["id"] == sae_id:
-            return entry
-    return None
 
 
 def _thousands(count: str, unit: str) -> int:
@@ -138,7 +111,9 @@ def width_from_registry(release: str, sae_id: str, d_in: int) -> int | None:
     `width_16k`, Neuronpedia ids `-res-32k`, and Llama Scope ids the expansion factor (`l31r_8x`
     is 8 x d_in features).
     """
-    entry = _registry_entry(release, sae_id)
+    from fpo_ds.sae import registry_entry  # the core's one reader of sae-lens's registry
+
+    entry = registry_entry(release, sae_id)
     if entry is None:
         return None
     names = " ".join(str(entry.get(k, "")) for k in ("id", "path", "neuronpedia"))

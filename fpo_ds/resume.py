@@ -1,0 +1,180 @@
+"""Resume, decided once: which checkpoint a run continues from, in which form, with which recipe changes.
+
+`decide(recipe)` runs on rank 0 under the run lock, before anything is loaded: it finds the tag
+(output.resume), reads its COMPLETE.json once (file sizes checked there, and only there), refuses
+a recipe change that alters the run's meaning, and converts a checkpoint saved by another world
+size to DeepSpeed's universal form. `share` hands the resulting ResumePlan to every rank, the
+trainer logs it once (`describe`), and the engine builder and the loader only read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fpo_ds import checkpoint, dist
+from fpo_ds import config as C
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a run continues from; a fresh run is `ResumePlan()`."""
+
+    tag: Path | None = None  # the checkpoint's tag directory; None: start from the recipe's model
+    load_from: Path | None = None  # what the engine loads: the tag, or its universal conversion
+    converted: bool = False  # saved by another world size: loaded from the universal form
+    saved_world: int = 0  # the world size that wrote the checkpoint
+    step: int = 0  # optimizer steps the checkpoint holds
+    changes: dict[str, tuple] = field(default_factory=dict)  # recipe keys changed and applied: (old, new)
+    allowed: tuple[str, ...] = ()  # of those, the ones output.resume_allow_changes accepted
+    deepspeed_config: dict | None = None  # the run's resolved DeepSpeed config (deepspeed.config=auto)
+    notes: tuple[str, ...] = ()  # how the tag was found, when not simply by `latest`
+
+    def describe(self) -> list[str]:
+        """The lines the trainer logs, once."""
+        if self.tag is None:
+            return list(self.notes)
+        form = f" in its universal form {self.load_from}" if self.converted else ""
+        lines = [*self.notes, f"resume: continuing {self.tag.name} (saved by {self.saved_world} ranks){form}"]
+        for key, (old, new) in self.changes.items():
+            why = " (allowed by output.resume_allow_changes)" if key in self.allowed else ""
+            lines.append(f"resume: {key} changed {old!r} -> {new!r}{why}; applied from step {self.step + 1}")
+        return lines
+
+
+# Keys a resume may change: they alter how the run proceeds, not what it means. Everything else
+# (model, data, SAE, loss, global batch, seeds, optimizer and DeepSpeed settings) is refused unless
+# output.resume_allow_changes names it.
+SAFE_TO_CHANGE = {
+    "train.lr", "train.warmup_steps", "train.schedule", "train.max_steps", "train.epochs",
+    "train.micro_batch_size", "train.max_nonfinite_steps", "deepspeed.timeout_minutes", "sae.shard_group",
+    "cache.dir", "model.gradient_checkpointing", "model.attn_implementation", "model.zero_init",
+}  # fmt: skip
+SAFE_SECTIONS = ("logging.", "output.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """(refused, applied) changes between a checkpoint's recipe and this one: {dotted key: (old, new)}."""
+    a, b = _flat(old), _flat(new)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k in a and k in b and a[k] != b[k]}
+    safe = {k: v for k, v in changed.items() if k in SAFE_TO_CHANGE or k.startswith(SAFE_SECTIONS)}
+    return {k: v for k, v in changed.items() if k not in safe}, safe
+
+
+def _changes(tag_dir: Path, recipe: C.Recipe) -> tuple[dict, tuple[str, ...]]:
+    """Refuse a resume whose recipe changes the run's meaning; return (the changes applied, the allowed ones)."""
+    import yaml
+
+    saved = tag_dir / "recipe.yaml"
+    if not saved.is_file():
+        return {}, ()
+    refused, applied = recipe_changes(yaml.safe_load(saved.read_text()) or {}, C.to_dict(recipe))
+    allowed = {k: v for k, v in refused.items() if k in recipe.output.resume_allow_changes}
+    refused = {k: v for k, v in refused.items() if k not in allowed}
+    if refused:
+        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(
+            f"output.dir: resuming {tag_dir} with a recipe that changes what the run means ({lines}). Mixing them "
+            "in one run would be silent. Restore those values, start a new run (another output.dir), or accept "
+            f"the change with output.resume_allow_changes=[{','.join(refused)}]"
+        )
+    return dict(sorted({**applied, **allowed}.items())), tuple(sorted(allowed))
+
+
+def find(output_cfg) -> tuple[Path | None, tuple[str, ...]]:
+    """The tag directory to resume from, per output.resume (auto | never | path), and a note on how it was found."""
+    if output_cfg.resume == "never":
+        return None, ()
+    if output_cfg.resume != "auto":
+        p = Path(output_cfg.resume)
+        if not p.is_dir():
+            raise FileNotFoundError(f"output.resume: {p} is not a checkpoint directory")
+        return p, ()
+    ckpt_root = checkpoint.root(output_cfg.dir)
+    latest = ckpt_root / "latest"
+    tags = checkpoint.complete_tags(ckpt_root)
+    if latest.is_file():
+        named = ckpt_root / latest.read_text().strip()
+        if (named / checkpoint.MARKER).is_file():
+            return named, ()
+        if tags:
+            note = f"{latest} names {named.name}, which is missing or incomplete; resuming from {tags[-1]} instead"
+            return ckpt_root / tags[-1], (note,)
+    return (ckpt_root / tags[-1], ()) if tags else (None, ())
+
+
+def _saved_deepspeed_config(out_dir: str) -> dict | None:
+    """The DeepSpeed config the run recorded in run_info.json (what deepspeed.config=auto chose)."""
+    info = Path(out_dir) / "run_info.json"
+    return json.loads(info.read_text()).get("deepspeed_config") if info.is_file() else None
+
+
+def decide(recipe: C.Recipe) -> ResumePlan:
+    """Rank 0, under the run lock, before anything loads: the ResumePlan (converting the checkpoint if needed)."""
+    tag, notes = find(recipe.output)
+    if tag is None:
+        return ResumePlan(notes=notes)
+    marker = checkpoint.verify(tag)  # the one read of the checkpoint's file list and sizes
+    saved_world = int(marker.get("world_size", dist.world_size()))
+    changes, allowed = _changes(tag, recipe)
+    converted = checkpoint.partitioned(tag) and saved_world != dist.world_size()
+    load_from = to_universal(tag, saved_world) if converted else tag
+    ds = _saved_deepspeed_config(recipe.output.dir)
+    return ResumePlan(tag, load_from, converted, saved_world, int(marker["step"]), changes, allowed, ds, notes)
+
+
+def share(plan: ResumePlan | None) -> ResumePlan:
+    """Collective: rank 0's plan, on every rank."""
+    import torch.distributed as tdist
+
+    box = [plan]
+    if tdist.is_initialized() and dist.world_size() > 1:
+        tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where a checkpoint's world-size-free (DeepSpeed universal) form lives: checkpoints/universal/<tag>."""
+    return tag_dir.parent / "universal" / tag_dir.name
+
+
+def to_universal(tag_dir: Path, saved_world: int) -> Path:
+    """Rank 0: convert a checkpoint for another world size with DeepSpeed's ds_to_universal (once; reused).
+
+    ZeRO partitions the optimizer state by rank; the universal form stores it per parameter, so any
+    world size can load it (the `checkpoint.load_universal` DeepSpeed setting).
+    """
+    import subprocess
+    import sys
+
+    out = universal_dir(tag_dir)
+    if (out / checkpoint.MARKER).is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dist.log(f"resume: {tag_dir.name} was saved by {saved_world} ranks; converting it for {dist.world_size()}")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise ValueError(
+            f"output.dir: {tag_dir} was saved by {saved_world} ranks and could not be converted for "
+            f"{dist.world_size()} ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}). "
+            f"Resume with {saved_world} ranks, or convert by hand: {' '.join(cmd)}"
+        )
+    checkpoint.atomic_write(tmp / checkpoint.MARKER, json.dumps({"from": str(tag_dir), "world_size": saved_world}))
+    os.replace(tmp, out)
+    return out
