@@ -132,7 +132,7 @@ def _encoder(recipe: C.Recipe, device: str):
 
 def wants_features(recipe: C.Recipe, role: Role) -> bool:
     """Whether this role loads the SAE: training an objective that needs features, or a cache that stores them."""
-    return objective.needs(recipe.loss).needs_features if role == "train" else cache.has_features(recipe)
+    return recipe.loss.needs_features if role == "train" else cache.has_features(recipe)
 
 
 def load_data(recipe: C.Recipe, part: data.Part = "train") -> tuple[object, list[data.Pair], str]:

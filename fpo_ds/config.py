@@ -18,6 +18,19 @@ from typing import Any, Literal
 
 import yaml
 
+# The one table of methods (LossConfig.method is its keys; objective.py has one loss per key).
+# What each needs besides the policy's log-probs: its reference ("recipe": loss.reference says),
+# TDPO's full-vocabulary KL head, SAE features. Every module asks LossConfig (or the run's
+# Objective), never the method name.
+METHOD_NEEDS = {
+    "sft": ("none", False, False),
+    "dpo": ("recipe", False, False),
+    "ipo": ("recipe", False, False),
+    "simpo": ("none", False, False),
+    "tdpo1": ("live", True, False),
+    "tdpo2": ("live", True, False),
+    "fpo": ("offline", False, True),
+}
 # Paper defaults (arXiv 2411.07618): beta 0.1 everywhere except SimPO's 2.0.
 DEFAULT_BETA = {"sft": 0.0, "dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1, "fpo": 0.1}
 MISSING_REQUIRED = object()
@@ -185,6 +198,22 @@ class LossConfig:
     @property
     def resolved_beta(self) -> float:
         return DEFAULT_BETA[self.method] if self.beta is None else self.beta
+
+    @property
+    def ref_kind(self) -> Literal["none", "live", "offline"]:
+        """No reference, a frozen model run each step, or the offline cache."""
+        kind = METHOD_NEEDS[self.method][0]
+        return self.reference if kind == "recipe" else kind
+
+    @property
+    def needs_kl(self) -> bool:
+        """The full-vocabulary KL between the live reference and the policy (TDPO)."""
+        return METHOD_NEEDS[self.method][1]
+
+    @property
+    def needs_features(self) -> bool:
+        """The policy's pooled SAE features at the SAE's block, and the cache's (FPO)."""
+        return METHOD_NEEDS[self.method][2]
 
 
 @dataclass(frozen=True)
@@ -405,16 +434,15 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append(f"loss.beta: must be a finite number > 0, got {lo.beta}")
     if not (math.isfinite(lo.alpha) and lo.alpha >= 0):
         problems.append(f"loss.alpha: must be a finite number >= 0, got {lo.alpha}")
-    if lo.method == "fpo":
-        if not (s.path or (s.release and s.sae_id)):
-            problems.append("sae: method fpo needs an SAE: set sae.path, or sae.release and sae.sae_id")
-        if not r.cache.dir:
-            problems.append(
-                "cache.dir: method fpo needs the offline reference cache (build it with `fpo-ds build-cache`)"
-            )
-    if lo.reference == "offline" and lo.method in ("dpo", "ipo") and not r.cache.dir:
+    if lo.needs_features and not (s.path or (s.release and s.sae_id)):
+        problems.append(f"sae: method {lo.method} needs an SAE: set sae.path, or sae.release and sae.sae_id")
+    if lo.needs_features and not r.cache.dir:
+        problems.append(
+            f"cache.dir: method {lo.method} needs the offline reference cache (build it with `fpo-ds build-cache`)"
+        )
+    elif lo.ref_kind == "offline" and not r.cache.dir:
         problems.append("cache.dir: loss.reference=offline needs the offline reference cache")
-    if lo.reference == "offline" and lo.method in ("tdpo1", "tdpo2"):
+    if lo.reference == "offline" and lo.needs_kl:
         problems.append("loss.reference: TDPO needs full-vocabulary reference distributions; use live")
     if s.k < 1:
         problems.append(f"sae.k: must be >= 1, got {s.k}")

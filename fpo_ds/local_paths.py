@@ -102,7 +102,7 @@ def check(recipe: C.Recipe) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     _model(recipe.model.name_or_path, problems, notes)
     _data(recipe.data, problems, notes)
-    if recipe.loss.method == "fpo" or recipe.sae.path or recipe.sae.release:
+    if recipe.loss.needs_features or recipe.sae.path or recipe.sae.release:
         _sae(recipe.sae, problems, notes)
     _cache(recipe, problems, notes)
     if recipe.deepspeed.config != ds_config.AUTO:

@@ -14,8 +14,7 @@ from pathlib import Path
 import yaml
 
 from fpo_ds import metrics
-from fpo_ds.config import DEFAULT_BETA
-from fpo_ds.objective import NEEDS
+from fpo_ds.config import DEFAULT_BETA, METHOD_NEEDS
 
 
 def render(
@@ -46,7 +45,7 @@ def render(
         + (f" (revision {model['revision']})" if model.get("revision") else ""),
         f"- data: `{recipe.get('data', {}).get('path')}` split `{recipe.get('data', {}).get('split')}`",
     ]
-    if method in NEEDS and NEEDS[method][2]:  # the method constrains SAE features
+    if METHOD_NEEDS.get(method, (None, False, False))[2]:  # the method constrains SAE features
         where = sae.get("path") or f"{sae.get('release')} / {sae.get('sae_id')}"
         lines.append(f"- SAE: `{where}`, top-k {sae.get('k')}; reference features from the offline cache")
     if run_info.get("cache_fingerprints"):

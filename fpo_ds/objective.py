@@ -3,8 +3,8 @@
 Each objective takes the policy's per-sequence outputs, the reference's (live engine or offline
 cache; None for SFT/SimPO) and, for FPO, the policy's pooled SAE features, and returns
 losses.LossOut. Sequences are ordered (chosen rows; rejected rows), so `_halves` splits them
-into pairs. What a method needs (a reference, TDPO's KL head, SAE features) is said here once,
-in `NEEDS`; every other module asks the run's Objective (or `needs(loss_cfg)` before one exists).
+into pairs. What a method needs (a reference, TDPO's KL head, SAE features) comes from the
+recipe's loss section (config.METHOD_NEEDS) and travels with the run's Objective.
 """
 
 from __future__ import annotations
@@ -21,32 +21,6 @@ from fpo_ds.data import Batch
 from fpo_ds.model import RefOut, SeqOut, sequence_logps
 
 RefKind = Literal["none", "live", "offline"]  # no reference, a frozen model run each step, or the cache
-
-
-class Needs(NamedTuple):
-    """What a method needs besides the policy's log-probs; known from the recipe alone."""
-
-    ref_kind: RefKind
-    needs_kl: bool  # the full-vocabulary KL between the live reference and the policy (TDPO)
-    needs_features: bool  # the policy's pooled SAE features at the SAE's block, and the cache's (FPO)
-
-
-# The one table of methods (config.LossConfig validates the name): "recipe" means loss.reference.
-NEEDS: dict[str, tuple[str, bool, bool]] = {
-    "sft": ("none", False, False),
-    "dpo": ("recipe", False, False),
-    "ipo": ("recipe", False, False),
-    "simpo": ("none", False, False),
-    "tdpo1": ("live", True, False),
-    "tdpo2": ("live", True, False),
-    "fpo": ("offline", False, True),
-}
-
-
-def needs(loss_cfg) -> Needs:
-    """The recipe's method's needs (loss_cfg: config.LossConfig)."""
-    ref_kind, kl, features = NEEDS[loss_cfg.method]
-    return Needs(loss_cfg.reference if ref_kind == "recipe" else ref_kind, kl, features)
 
 
 Loss = Callable[[SeqOut, "RefOut | None", "torch.Tensor | None"], L.LossOut]  # (policy, reference, features)
@@ -116,7 +90,7 @@ def build(loss_cfg, k: int = 50, feature_weights: torch.Tensor | None = None) ->
         return L.fpo(*_halves(mean), *_halves(ref.mean_logps), *_halves(d), beta, alpha)
 
     fns = {"sft": sft, "dpo": dpo, "ipo": ipo, "simpo": simpo, "tdpo1": tdpo, "tdpo2": tdpo, "fpo": fpo}
-    return Objective(fns[method], *needs(loss_cfg))
+    return Objective(fns[method], loss_cfg.ref_kind, loss_cfg.needs_kl, loss_cfg.needs_features)
 
 
 def load_feature_weights(path: str | None, d_sae: int, device) -> torch.Tensor | None:

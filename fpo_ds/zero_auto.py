@@ -112,8 +112,7 @@ def rank_bytes(recipe, facts: ModelFacts, world: int, item: int, stage: int, tra
         "activations": tokens * facts.hidden * per_layer * item // 2,
         "logits": min(LOGIT_CHUNK, tokens) * facts.vocab * 12,
     }
-    method, live = recipe.loss.method, recipe.loss.reference == "live"
-    if trainable is None and (method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live)):
+    if trainable is None and recipe.loss.ref_kind == "live":
         out["reference"] = p * item
     return out
 

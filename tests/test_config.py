@@ -137,5 +137,8 @@ def test_one_method_list():
     from fpo_ds import objective
 
     names = set(typing.get_args(typing.get_type_hints(C.LossConfig)["method"]))
-    assert len(names) == 7 and names == set(objective.NEEDS) == set(C.DEFAULT_BETA)
-    assert [m for m in sorted(names) if objective.needs(C.LossConfig(method=m)).needs_features] == ["fpo"]
+    assert len(names) == 7 and names == set(C.METHOD_NEEDS) == set(C.DEFAULT_BETA)
+    for m in sorted(names):  # every name builds an objective that carries the table's needs
+        obj, loss = objective.build(C.LossConfig(method=m)), C.LossConfig(method=m)
+        assert (obj.ref_kind, obj.needs_kl, obj.needs_features) == (loss.ref_kind, loss.needs_kl, loss.needs_features)
+    assert [m for m in sorted(names) if C.LossConfig(method=m).needs_features] == ["fpo"]

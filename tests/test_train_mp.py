@@ -473,12 +473,12 @@ def test_sharded_encoder_matches_sae_lens(runs):
 
 
 def _reader(recipe_path, *overrides):
-    from fpo_ds import cache, components, objective
+    from fpo_ds import cache, components
     from fpo_ds import config as C
 
     recipe = C.load(recipe_path, list(overrides))
     tok, _, fingerprint = components.load_data(recipe)
-    return cache.Reader(recipe, tok, fingerprint, features=objective.needs(recipe.loss).needs_features)
+    return cache.Reader(recipe, tok, fingerprint, features=recipe.loss.needs_features)
 
 
 def test_cache_refuses_wrong_or_damaged(runs, tmp_path):

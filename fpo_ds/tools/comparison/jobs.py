@@ -31,7 +31,6 @@ import yaml
 
 from fpo_ds import answer_formats as F
 from fpo_ds import config as C
-from fpo_ds import objective
 
 REPO = Path(__file__).resolve().parents[3]
 SETTINGS = REPO / "slurm" / "compare.yaml"  # not a recipe: per-size and per-method settings
@@ -60,7 +59,7 @@ def _stage(recipe: Path, overrides: list[str], run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "method": loaded.loss.method,
         "model": loaded.model.name_or_path,
-        "needs_cache": objective.needs(loaded.loss).ref_kind == "offline",
+        "needs_cache": loaded.loss.ref_kind == "offline",
     }
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fpo_ds import checkpoint, objective
+from fpo_ds import checkpoint
+from fpo_ds import config as C
 from fpo_ds.tools.demo import evaluate, report, toy
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
@@ -161,7 +162,7 @@ def method_overrides(out: Path, method: str, seed: int, steps: int) -> dict:
         "output.save_every": 0,
         "logging.every": 20,
     }
-    if objective.NEEDS[method][2]:  # the method constrains SAE features: the SAE and the cache that holds them
+    if C.LossConfig(method=method).needs_features:  # the SAE, and the cache that holds the reference's features
         o.update({"sae.path": d / "sae", "sae.k": 16, "cache.dir": d / "cache", "loss.alpha": 0.5})
     return o
 

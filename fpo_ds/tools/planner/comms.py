@@ -160,12 +160,6 @@ def data_parallel_limit(global_batch: int, micro: int) -> int:
     return max(1, global_batch // micro)
 
 
-def reference_kind(loss) -> str:
-    """What each micro-batch's reference is: 'live' (a frozen engine), 'offline' (the cache) or 'none'."""
-    kinds = {"fpo": "offline", "sft": "none", "simpo": "none", "tdpo1": "live", "tdpo2": "live"}
-    return kinds.get(loss.method, loss.reference)
-
-
 def shard_group_size(spec: str | int, topo: Topology) -> int:
     """`sae.shard_group` -> ranks per group: node = GPUs per node, world, none = 1, or an integer."""
     named = {"node": topo.gpus, "world": topo.world, "none": 1}
@@ -236,9 +230,9 @@ def cache_traffic(wl: Workload, recipe, k_cache: int) -> list[Traffic]:
     example_id int64 (8) + sum_logps f32 x2 (8) + n_tokens int32 x2 (8), and with SAE features
     feat_idx int32 + feat_val f32 for k_cache entries x2 (16 k) + feat_dropped_max f32 x2 (8).
     """
-    if reference_kind(recipe.loss) != "offline":
+    if recipe.loss.ref_kind != "offline":
         return []
-    per_pair = 24 + (16 * k_cache + 8 if recipe.loss.method == "fpo" else 0)
+    per_pair = 24 + (16 * k_cache + 8 if recipe.loss.needs_features else 0)
     pairs = wl.micro * wl.accumulation
     return [Traffic("cache_read", pairs * per_pair, wl.accumulation, Link(1, 1), "host", "step", -1)]
 
@@ -465,8 +459,8 @@ def plan_step(
         wl, note = workload(recipe, topo, *tokens, global_batch)
     group = shard_group_size(recipe.sae.shard_group if shard_group is None else shard_group, topo)
     ckpt = recipe.model.gradient_checkpointing
-    traffic, logged = zero_traffic(shape, z, topo, wl, ckpt, reference_kind(recipe.loss))
-    if recipe.loss.method == "fpo" and d_sae:
+    traffic, logged = zero_traffic(shape, z, topo, wl, ckpt, recipe.loss.ref_kind)
+    if recipe.loss.needs_features and d_sae:
         traffic += sae_traffic(wl, group, topo, shape.hidden, d_sae, z.item, sae_k)
     traffic += cache_traffic(wl, recipe, recipe.cache.k_cache or 4 * recipe.sae.k)
     traffic += step_syncs(topo, z.stage)

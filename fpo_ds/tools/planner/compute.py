@@ -73,7 +73,7 @@ def step_flops(recipe, shape, rows: int, seq: int, response: int, d_sae: int | N
     flops = train_flops_per_token(shape, seq, recipe.model.gradient_checkpointing) * tokens
     if live_reference:
         flops += train_flops_per_token(shape, seq, False, forward_only=True) * tokens
-    if recipe.loss.method == "fpo" and d_sae:
+    if recipe.loss.needs_features and d_sae:
         flops += 4 * rows * response * shape.hidden * d_sae
     return flops
 

@@ -82,13 +82,12 @@ def estimate(
         "activations": acts,
         "logits": min(LOGIT_CHUNK, tokens) * nums["vocab"] * LOGIT_BYTES,
     }
-    method, live = recipe.loss.method, recipe.loss.reference == "live"
-    if method in ("tdpo1", "tdpo2") or (method in ("dpo", "ipo") and live):
+    if recipe.loss.ref_kind == "live":
         out["reference"] = 2 * nums["params"] // world + 2 * nums["largest_layer"]
-        if method in ("tdpo1", "tdpo2"):
+        if recipe.loss.needs_kl:
             # the KL's chunk: the reference's 16-bit and fp32 logits and the KL's two fp32 temporaries
             out["reference"] += min(LOGIT_CHUNK, tokens) * nums["vocab"] * (2 + 4 + 4 + 4)
-    if method == "fpo" and d_sae:
+    if recipe.loss.needs_features and d_sae:
         out.update(_sae_memory(d_sae, h, tokens, comms.shard_group_size(shard_group, comms.Topology(nodes, gpus))))
         k_cache = recipe.cache.k_cache or 4 * recipe.sae.k
         out["host_cache_per_1k_pairs"] = 1000 * (2 * k_cache * 8 + 32) // world  # fpo_ds/cache.py's row

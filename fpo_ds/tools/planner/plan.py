@@ -239,7 +239,7 @@ class Context:
         self.recipe = _resolve_auto(recipe, self.shape, self.topo, args.gpu_mem)
         self.group = args.shard_group or self.recipe.sae.shard_group
         d_sae, self.sae_source = shapes.sae_width(self.recipe.sae, self.shape.hidden, args.d_sae)
-        self.d_sae = d_sae if self.recipe.loss.method == "fpo" else None
+        self.d_sae = d_sae if self.recipe.loss.needs_features else None
         topk = args.sae_topk if args.sae_topk is not None else shapes.sae_topk(self.recipe.sae)
         self.kw = {"tokens": (args.prompt_tokens, args.response_tokens), "sae_k": topk}
         self.mfus, self.mfu_text = mfus_of(args)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         hf_config = shapes.model_config(recipe.model.name_or_path)
         print("\n".join(lora_plan.lines(recipe, hf_config, shape.params, topo.nodes * topo.gpus, args.gpu_mem)))
     fits = _print_memory(ctx, args.gpu_mem)
-    if recipe.loss.method == "fpo":
+    if recipe.loss.needs_features:
         size_ = comms.shard_group_size(ctx.group, topo)
         print(
             f"SAE: {ctx.d_sae or 'unknown (pass --d-sae)'} features ({ctx.sae_source}); "

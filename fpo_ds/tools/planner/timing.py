@@ -34,7 +34,7 @@ def step_time(
     `micro_s` replaces the compute of one micro-batch by a measured figure (the emulated-cluster test).
     """
     wl, a = step.workload, step.workload.accumulation
-    live = comms.reference_kind(recipe.loss) == "live"
+    live = recipe.loss.ref_kind == "live"
     flops = compute.step_flops(recipe, shape, wl.rows, wl.seq_tokens, wl.response_tokens, d_sae, live)
     c = micro_s if micro_s is not None else compute.compute_seconds(flops, mfu, peak)
     fwd = c / (3 + recipe.model.gradient_checkpointing)

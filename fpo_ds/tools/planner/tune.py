@@ -41,7 +41,7 @@ def settings(recipe, topo: Topology, global_batch: int, quantized: bool) -> list
     if topo.nodes > 1:
         zeros.append((3, True, False))
         zeros += [(3, True, True)] if quantized else []
-    groups = ("node", "world", "none") if recipe.loss.method == "fpo" else (recipe.sae.shard_group,)
+    groups = ("node", "world", "none") if recipe.loss.needs_features else (recipe.sae.shard_group,)
     return [Setting(m, s, h, q, g, c) for m in micros for s, h, q in zeros for g in groups for c in (True, False)]
 
 
