@@ -41,9 +41,9 @@ def test_lora_block_validates_strictly():
 
 
 def test_lora_changes_are_refused_on_resume():
-    from fpo_ds import checkpoint
+    from fpo_ds import resume
 
-    refused, _ = checkpoint.recipe_changes(C.to_dict(_recipe(r=8)), C.to_dict(_recipe(r=16)))
+    refused, _ = resume.recipe_changes(C.to_dict(_recipe(r=8)), C.to_dict(_recipe(r=16)))
     assert "model.lora.r" in refused
 
 
