@@ -13,7 +13,8 @@ SPEC.json is a list of items, run in order by every rank:
                                           communication at all (plain torch on every rank at once,
                                           so the ranks share the cores as in training)
   {"name", "stage": "train", "recipe"}    a training run (fpo_ds.pipeline.run_stage) with the comms
-                                          logger's totals snapshotted after every optimizer step
+                                          logger's totals snapshotted after every optimizer step;
+                                          "alternate": R shapes every odd step's link to R Mbit/s
 Rank 0 writes OUT_DIR/results.json. Assertions live in tests/test_step_time.py.
 """
 
@@ -151,16 +152,46 @@ def main(spec_path: str, out_dir: str) -> None:
             groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
             snapshots: list = []
             undo = record_steps(snapshots)
+            rates: list = []
+            restore = alternate(item["alternate"], rates) if item.get("alternate") else (lambda: None)
             result = pipeline.run_stage(item)
             history, c = result.history, result.components
+            restore()
             undo()
             gathered = [None] * dist.world_size()
             tdist.all_gather_object(gathered, (comms_summary(), snapshots))
             results[name] = {"history": history, "comms": [g[0] for g in gathered], "steps": [g[1] for g in gathered]}
+            results[name]["mbit"] = rates
             del c
         dist.log(f"{name} done: {json.dumps(_brief(results[name]))[:300]}")
         if dist.rank() == 0:  # after every item: a failed launch keeps what it measured
             (out / "results.json").write_text(json.dumps(results))
+
+
+def alternate(mbit: float, rates: list):
+    """Shape the link per optimizer step: step 0 and every even step unshaped, every odd one at `mbit`.
+
+    Wraps train.train_step (its own clock excludes this switch, a barrier and a `tc` call); `rates`
+    gets each step's rate. The unshaped steps are the run's compute calibration, taken in the same
+    minute, engine and placement as the shaped ones. Returns an undo.
+    """
+    from fpo_ds import train
+
+    original = train.train_step
+
+    def step(*args, **kwargs):
+        k = len(rates)
+        rates.append(mbit if k % 2 else 0)
+        shape(rates[-1])
+        return original(*args, **kwargs)
+
+    train.train_step = step
+
+    def undo():
+        train.train_step = original
+        shape(0)
+
+    return undo
 
 
 def _brief(res: dict) -> dict:
