@@ -38,7 +38,8 @@ def test_report_is_computed_from_the_runs(demo):
     assert report.tables(results, METHODS) in text and report.tables(results, METHODS) in log
     rows = report.differences(results, METHODS)
     assert report.differences_table(rows) in text and report.significance_sentences(rows) in text
-    assert "Numerics: ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=COMPATIBLE, OMP_NUM_THREADS=1." in text
+    numerics = "ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=COMPATIBLE, OMP_NUM_THREADS=1, ONEDNN_MAX_CPU_ISA=AVX2"
+    assert f"Numerics: {numerics}." in text
     assert f"Results fingerprint: {report.fingerprint(out, 1)}." in text
     assert (out / "curves.png").stat().st_size > 1000
     for m in METHODS:  # every method trained through the distributed trainer and was evaluated
@@ -47,15 +48,19 @@ def test_report_is_computed_from_the_runs(demo):
         assert set(gens[0]) == {"instruction", "output", "generator"} and len(gens) == 256
 
 
-def test_every_method_learnt_the_preferences_and_fpo_drifts_least(demo):
-    # One seed cannot say whether a method beats SFT on the judge (the 4-seed report's CIs do); what
-    # one seed must show is that training moved each policy towards the chosen answers of held-out
-    # pairs (a positive reward margin), and that FPO's feature constraint kept it closest to the reference.
+def test_every_method_learnt_the_preferences_and_the_readme_claims_hold(demo):
+    # What one seed must show: training moved each policy towards the chosen answers of held-out pairs
+    # (a positive reward margin), and the README's claims that held on every CPU tried: FPO drifts least
+    # from the reference in SAE features (of all methods), and its answers pass the judge more often than
+    # DPO's and SimPO's. (Seed 1 here, AMD EPYC: judge 0.81 vs 0.51 and 0.26; feature MSE 0.11 vs >= 0.54.)
+    # Whether DPO or SimPO beat SFT, or FPO beats TDPO-2, changed with the CPU: not asserted.
     out, _ = demo
     r = json.loads((out / "eval" / "seed1" / "results.json").read_text())
     for m in METHODS:
         assert r[m]["reward_margin"] > 0.1, (m, r[m]["reward_margin"])
-    assert r["fpo"]["feature_mse"] < min(r[m]["feature_mse"] for m in ("dpo", "simpo"))
+    assert r["fpo"]["feature_mse"] < min(r[m]["feature_mse"] for m in METHODS if m != "fpo"), r
+    judge = {m: r[m]["judge_accuracy"] for m in METHODS}
+    assert judge["fpo"] > max(judge["dpo"], judge["simpo"]), judge
 
 
 def test_rerun_skips_completed_stages(demo):

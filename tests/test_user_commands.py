@@ -161,3 +161,15 @@ def test_plan_prints_small_host_sizes_in_kib(capsys):
     assert cli.main(["plan", str(ROOT / "recipes" / "gemma-2-2b.yaml"), "--nodes", "8"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "host_cache_per_1k_pairs" in x)
     assert "KiB" in line and "(host memory, not GPU)" in line and " 0.0" not in line, line
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def test_passing_sessions_leave_no_pytest_temp_dirs(pytestconfig):
+    # What stays under the system temporary directory is listed in the README; pytest's own directories
+    # (hundreds of MB after a full run) are removed when the session passes.
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    readme = (ROOT / "README.md").read_text()
+    assert "What stays in the temporary directory afterwards" in readme
+    assert "/tmp/fpo-ds-slurm" in readme and "fpo-ds-test-infra" in readme
