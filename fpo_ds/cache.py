@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from fpo_ds import config as C
-from fpo_ds import data, dist
+from fpo_ds import data, dist, integrity
 from fpo_ds.data import Batch
 from fpo_ds.model import RefOut
 
@@ -35,14 +35,6 @@ FORMAT = 1
 
 def rebuild_hint() -> str:
     return "delete it and rebuild with: fpo-ds build-cache RECIPE (under torchrun/srun, like training)"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _identity(name_or_path: str, revision: str | None = None) -> dict:
@@ -176,7 +168,7 @@ class Reader:
         path = self.dir / part["file"]
         if not path.is_file():
             raise FileNotFoundError(f"cache part {path} is missing; {rebuild_hint()}")
-        if path.stat().st_size != part.get("bytes", path.stat().st_size) or sha256(path) != part["sha256"]:
+        if path.stat().st_size != part.get("bytes", path.stat().st_size) or integrity.sha256(path) != part["sha256"]:
             raise ValueError(f"cache part {path} is truncated or corrupted (size/sha256 mismatch); {rebuild_hint()}")
         table = load_file(str(path))
         if self.features and "feat_idx" not in table:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import save_file
 
-from fpo_ds import cache, components, data, dist, features, metrics, rundir
+from fpo_ds import cache, components, data, dist, features, integrity, metrics, rundir
 from fpo_ds import config as C
 from fpo_ds import model as M
 
@@ -152,7 +152,7 @@ def _write(recipe: C.Recipe, c, directory: Path, done: Pass, fingerprint: str, n
     tdist.barrier()
     name = cache.part_name(rank, world)
     save_file(done.cols, str(directory / name))
-    entry = {"file": name, "rows": int(done.cols["example_id"].shape[0]), "sha256": cache.sha256(directory / name)}
+    entry = {"file": name, "rows": int(done.cols["example_id"].shape[0]), "sha256": integrity.sha256(directory / name)}
     entry["bytes"] = (directory / name).stat().st_size
     entries = [None] * world
     tdist.all_gather_object(entries, entry)

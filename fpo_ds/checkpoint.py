@@ -2,7 +2,7 @@
 
 Layout under `output.dir/checkpoints/`:
     step_00000010/            DeepSpeed's files + rng_rank*.pt + hf/ (config, tokenizer)
-                              + recipe.yaml + COMPLETE.json (written last: file list and sizes)
+                              + recipe.yaml + COMPLETE.json (written last: each file's size and sha256)
     latest                    tag of the newest complete checkpoint (replaced atomically)
     universal/step_00000010/  that tag converted for another world size (resume.py decides when)
 
@@ -12,6 +12,7 @@ continues from, and in which form, is resume.py's decision; `load` follows it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from fpo_ds import config as C
-from fpo_ds import dist, faults
+from fpo_ds import dist, faults, integrity
 
 MARKER = "COMPLETE.json"
 
@@ -66,17 +67,24 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
         torch.save(_rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
         faults.maybe_die_in_save(step)
         tdist.barrier()  # every rank's files are written before the marker says so
+        names = None
         if dist.rank() == 0:
             model_config.save_pretrained(tag_dir / "hf")
             tokenizer.save_pretrained(tag_dir / "hf")
             C.dump(recipe, tag_dir / "recipe.yaml")
-            files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-            marker = {"step": step, "world_size": dist.world_size(), "files": files, "trainable_only": adapters_only}
-            atomic_write(tag_dir / MARKER, json.dumps(marker))
+            names = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file()]
+        names = dist.from_rank0(names)
+        sums = integrity.checksums(tag_dir, names)  # the hashing is spread over the ranks
+        if dist.rank() == 0:
+            files = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": sums[n]} for n in names}
+            info = {"step": step, "world_size": dist.world_size(), "files": files, "trainable_only": adapters_only}
+            info |= {k: client_state.get(k) for k in ("data_fingerprint", "data_start")}  # resume checks the data
+            atomic_write(tag_dir / MARKER, json.dumps(info))
             if adapters_only:
+                total = sum(f["bytes"] for f in files.values()) / 2**20
                 dist.log(
                     f"checkpoint {tag}: trainable state only (LoRA adapters, their optimizer states; the frozen base "
-                    f"is {recipe.model.name_or_path}), {sum(files.values()) / 2**20:.2f} MiB"
+                    f"is {recipe.model.name_or_path}), {total:.2f} MiB"
                 )
             atomic_write(ckpt_root / "latest", tag)
             _prune(ckpt_root, recipe.output.keep_last)
@@ -103,9 +111,14 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete tags; their universal conversions go with them."""
     tags = complete_tags(ckpt_root)
     for tag in tags[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+    kept = set(tags[-keep_last:]) if keep_last > 0 else set(tags)
+    for converted in (ckpt_root / "universal").glob("step_*") if (ckpt_root / "universal").is_dir() else []:
+        if converted.name.removesuffix(".partial") not in kept:
+            shutil.rmtree(converted, ignore_errors=True)
 
 
 def complete_tags(ckpt_root: Path) -> list[str]:
@@ -115,14 +128,19 @@ def complete_tags(ckpt_root: Path) -> list[str]:
     return sorted(p.parent.name for p in ckpt_root.glob(f"step_*/{MARKER}"))
 
 
+def _expected(entry) -> tuple[int, str | None]:
+    """A marker's file entry: (bytes, sha256); checkpoints saved before checksums hold the size alone."""
+    return (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
+
+
 def verify(tag_dir: Path) -> dict:
-    """The marker of a complete checkpoint; raises naming the missing or truncated file."""
+    """The marker of a complete checkpoint; raises naming the missing or truncated file (sizes only: cheap)."""
     marker = tag_dir / MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"{tag_dir}: no {MARKER}; the save did not finish. Resume from an earlier checkpoint")
     info = json.loads(marker.read_text())
-    for rel, size in info["files"].items():
-        p = tag_dir / rel
+    for rel, entry in info["files"].items():
+        size, p = _expected(entry)[0], tag_dir / rel
         if not p.is_file() or p.stat().st_size != size:
             got = p.stat().st_size if p.is_file() else "missing"
             raise ValueError(
@@ -130,6 +148,19 @@ def verify(tag_dir: Path) -> dict:
                 f"Delete {tag_dir} to resume from the previous checkpoint, or set output.resume=never"
             )
     return info
+
+
+def damaged_files(tag_dir: Path, info: dict) -> list[str]:
+    """Collective: the files whose sha256 differs from the one recorded at save (the reading is spread over ranks)."""
+    want = {rel: _expected(entry)[1] for rel, entry in info["files"].items()}
+    want = {rel: h for rel, h in want.items() if h is not None}
+    got = integrity.checksums(tag_dir, sorted(want))
+    return [rel for rel in sorted(want) if got[rel] != want[rel]]
+
+
+def identity(info: dict) -> str:
+    """A digest of a checkpoint's recorded files (names, sizes, checksums): a rewritten tag gets another one."""
+    return hashlib.sha256(json.dumps(info["files"], sort_keys=True).encode()).hexdigest()[:20]
 
 
 def partitioned(tag_dir: Path) -> bool:

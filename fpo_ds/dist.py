@@ -234,6 +234,16 @@ def on_rank0(fn):
     return result
 
 
+def from_rank0(obj):
+    """Collective: rank 0's `obj`, on every rank (as it is where torch.distributed is not up)."""
+    import torch.distributed as tdist
+
+    box = [obj]
+    if tdist.is_initialized() and world_size() > 1:
+        tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def launcher_rank() -> int:
     """This process's rank as its launcher announced it (before torch.distributed is up)."""
     for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):

@@ -1,14 +1,18 @@
 """Resume, decided once: which checkpoint a run continues from, in which form, with which recipe changes.
 
-`decide(recipe)` runs on rank 0 under the run lock, before anything is loaded: it finds the tag
-(output.resume), reads its COMPLETE.json once (file sizes checked there, and only there), refuses
-a recipe change that alters the run's meaning, and converts a checkpoint saved by another world
-size to DeepSpeed's universal form. `share` hands the resulting ResumePlan to every rank, the
-trainer logs it once (`describe`), and the engine builder and the loader only read it.
+`plan(recipe)` runs once, on every rank, under the run lock and before anything is loaded: it
+finds the tag (output.resume), reads its COMPLETE.json once (sizes), checks every file's sha256
+(the reading spread over the ranks; a damaged tag is named and, under output.resume=auto, passed
+over for the newest intact one, as a missing `latest` is), refuses a recipe change that alters
+the run's meaning, and converts a checkpoint saved by another world size to DeepSpeed's
+universal form (keyed by the tag's checksums, so a rewritten tag is converted again). Every rank
+gets the same ResumePlan; the trainer logs it once (`describe`), and the engine builder and the
+loader only read it. `data_start` then holds the run to the data set the checkpoint trained on.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,6 +36,8 @@ class ResumePlan:
     allowed: tuple[str, ...] = ()  # of those, the ones output.resume_allow_changes accepted
     deepspeed_config: dict | None = None  # the run's resolved DeepSpeed config (deepspeed.config=auto)
     notes: tuple[str, ...] = ()  # how the tag was found, when not simply by `latest`
+    data_fingerprint: str | None = None  # of the pairs the checkpoint trained on (None: saved before it was kept)
+    data_start: int = 0  # the step at which that data set's order began (a changed data set restarts it)
 
     def describe(self) -> list[str]:
         """The lines the trainer logs, once."""
@@ -94,8 +100,11 @@ def _changes(tag_dir: Path, recipe: C.Recipe) -> tuple[dict, tuple[str, ...]]:
     return dict(sorted({**applied, **allowed}.items())), tuple(sorted(allowed))
 
 
-def find(output_cfg) -> tuple[Path | None, tuple[str, ...]]:
-    """The tag directory to resume from, per output.resume (auto | never | path), and a note on how it was found."""
+def find(output_cfg, damaged: tuple[str, ...] = ()) -> tuple[Path | None, tuple[str, ...]]:
+    """The tag directory to resume from, per output.resume (auto | never | path), and a note on how it was found.
+
+    `damaged`: tags whose files failed their checksums; auto passes over them.
+    """
     if output_cfg.resume == "never":
         return None, ()
     if output_cfg.resume != "auto":
@@ -105,12 +114,12 @@ def find(output_cfg) -> tuple[Path | None, tuple[str, ...]]:
         return p, ()
     ckpt_root = checkpoint.root(output_cfg.dir)
     latest = ckpt_root / "latest"
-    tags = checkpoint.complete_tags(ckpt_root)
+    tags = [t for t in checkpoint.complete_tags(ckpt_root) if t not in damaged]
     if latest.is_file():
         named = ckpt_root / latest.read_text().strip()
-        if (named / checkpoint.MARKER).is_file():
+        if (named / checkpoint.MARKER).is_file() and named.name not in damaged:
             return named, ()
-        if tags:
+        if tags and named.name not in damaged:
             note = f"{latest} names {named.name}, which is missing or incomplete; resuming from {tags[-1]} instead"
             return ckpt_root / tags[-1], (note,)
     return (ckpt_root / tags[-1], ()) if tags else (None, ())
@@ -122,28 +131,75 @@ def _saved_deepspeed_config(out_dir: str) -> dict | None:
     return json.loads(info.read_text()).get("deepspeed_config") if info.is_file() else None
 
 
-def decide(recipe: C.Recipe) -> ResumePlan:
-    """Rank 0, under the run lock, before anything loads: the ResumePlan (converting the checkpoint if needed)."""
-    tag, notes = find(recipe.output)
-    if tag is None:
-        return ResumePlan(notes=notes)
-    marker = checkpoint.verify(tag)  # the one read of the checkpoint's file list and sizes
-    saved_world = int(marker.get("world_size", dist.world_size()))
+def plan(recipe: C.Recipe) -> ResumePlan:
+    """Collective, under the run lock, before anything loads: the ResumePlan, the same on every rank.
+
+    Rank 0 finds the tag and reads its marker (a user error is printed once, by rank 0); every
+    rank checks its share of the files' checksums; rank 0 then weighs the recipe changes and
+    converts the checkpoint when the world size changed.
+    """
+    damaged: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    while True:
+        tag, found, info = dist.from_rank0(dist.on_rank0(functools.partial(_find_and_read, recipe, damaged)))
+        notes += found
+        if tag is None:
+            return ResumePlan(notes=notes)
+        bad = checkpoint.damaged_files(tag, info)
+        if not bad:
+            break
+        what = f"checkpoint {tag} is damaged: {', '.join(bad[:3])} no longer match(es) the sha256 recorded at save"
+        if recipe.output.resume != "auto":
+            dist.on_rank0(functools.partial(_refuse, f"output.resume: {what}. Point it at another checkpoint"))
+        damaged += (tag.name,)
+        notes += (f"{what}; passing over {tag.name} for the newest intact checkpoint",)
+    return dist.from_rank0(dist.on_rank0(lambda: _decide(recipe, tag, info, notes)))
+
+
+def _refuse(message: str):
+    raise ValueError(message)
+
+
+def _find_and_read(recipe: C.Recipe, damaged: tuple[str, ...]) -> tuple[Path | None, tuple[str, ...], dict | None]:
+    """Rank 0: the tag, how it was found, and its marker (the one read of its file list; sizes checked)."""
+    tag, notes = find(recipe.output, damaged)
+    return tag, notes, checkpoint.verify(tag) if tag is not None else None
+
+
+def _decide(recipe: C.Recipe, tag: Path, info: dict, notes: tuple[str, ...]) -> ResumePlan:
+    """Rank 0: the recipe's changes (a refused one raises) and the form the engine loads (converting if needed)."""
+    saved_world = int(info.get("world_size", dist.world_size()))
     changes, allowed = _changes(tag, recipe)
     converted = checkpoint.partitioned(tag) and saved_world != dist.world_size()
-    load_from = to_universal(tag, saved_world) if converted else tag
+    load_from = to_universal(tag, saved_world, checkpoint.identity(info)) if converted else tag
     ds = _saved_deepspeed_config(recipe.output.dir)
-    return ResumePlan(tag, load_from, converted, saved_world, int(marker["step"]), changes, allowed, ds, notes)
+    data_fp, data_start = info.get("data_fingerprint"), int(info.get("data_start") or 0)
+    step = int(info["step"])
+    return ResumePlan(tag, load_from, converted, saved_world, step, changes, allowed, ds, notes, data_fp, data_start)
 
 
-def share(plan: ResumePlan | None) -> ResumePlan:
-    """Collective: rank 0's plan, on every rank."""
-    import torch.distributed as tdist
+DATA_CHANGE = "data.content"  # the output.resume_allow_changes entry that accepts another data set
 
-    box = [plan]
-    if tdist.is_initialized() and dist.world_size() > 1:
-        tdist.broadcast_object_list(box, src=0)
-    return box[0]
+
+def data_start(plan: ResumePlan, fingerprint: str, n_pairs: int, recipe: C.Recipe) -> int:
+    """The step at which the current data order began: the checkpoint's, or this one for an allowed new data set.
+
+    A data set whose fingerprint differs from the checkpoint's is refused unless
+    output.resume_allow_changes names data.content; then its own epoch order starts here.
+    """
+    if plan.tag is None or plan.data_fingerprint in (None, fingerprint):
+        return plan.data_start
+    what = f"the data set changed since {plan.tag.name} (fingerprint {plan.data_fingerprint} -> {fingerprint})"
+    if DATA_CHANGE not in recipe.output.resume_allow_changes:
+        raise ValueError(
+            f"output.dir: resuming with another data set: {what}. Continuing the old order over other rows would "
+            "silently repeat some pairs and skip others. Restore the data, start a new run (another output.dir), or "
+            f"accept it with output.resume_allow_changes=[{DATA_CHANGE}]: the new data set then starts its own "
+            f"epoch order at step {plan.step + 1}"
+        )
+    dist.log(f"resume: {what}, allowed by output.resume_allow_changes: a new epoch order over its {n_pairs} pairs "
+             f"starts at step {plan.step + 1}")  # fmt: skip
+    return plan.step
 
 
 def universal_dir(tag_dir: Path) -> Path:
@@ -151,18 +207,23 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / "universal" / tag_dir.name
 
 
-def to_universal(tag_dir: Path, saved_world: int) -> Path:
-    """Rank 0: convert a checkpoint for another world size with DeepSpeed's ds_to_universal (once; reused).
+def to_universal(tag_dir: Path, saved_world: int, key: str) -> Path:
+    """Rank 0: convert a checkpoint for another world size with DeepSpeed's ds_to_universal (once per `key`).
 
     ZeRO partitions the optimizer state by rank; the universal form stores it per parameter, so any
-    world size can load it (the `checkpoint.load_universal` DeepSpeed setting).
+    world size can load it (the `checkpoint.load_universal` DeepSpeed setting). `key`
+    (checkpoint.identity) names the tag's content: a conversion of an earlier save of the same tag
+    is stale and is made again.
     """
     import subprocess
     import sys
 
     out = universal_dir(tag_dir)
     if (out / checkpoint.MARKER).is_file():
-        return out
+        if json.loads((out / checkpoint.MARKER).read_text()).get("source") == key:
+            return out
+        dist.log(f"resume: {out} converts an earlier save of {tag_dir.name}; converting it again")
+        shutil.rmtree(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     dist.log(f"resume: {tag_dir.name} was saved by {saved_world} ranks; converting it for {dist.world_size()}")
@@ -175,6 +236,7 @@ def to_universal(tag_dir: Path, saved_world: int) -> Path:
             f"{dist.world_size()} ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}). "
             f"Resume with {saved_world} ranks, or convert by hand: {' '.join(cmd)}"
         )
-    checkpoint.atomic_write(tmp / checkpoint.MARKER, json.dumps({"from": str(tag_dir), "world_size": saved_world}))
+    marker = {"from": str(tag_dir), "world_size": saved_world, "source": key}
+    checkpoint.atomic_write(tmp / checkpoint.MARKER, json.dumps(marker))
     os.replace(tmp, out)
     return out

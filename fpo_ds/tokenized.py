@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from fpo_ds import integrity
+
 FORMAT = 3  # 2: per-row format column, fpo_ds.json with checksums; 3: untruncated lengths
 MANIFEST = "fpo_ds.json"
 COLUMNS = ("example_id", "prompt_ids", "chosen_ids", "rejected_ids", "bad", "format", "full_lengths")
@@ -43,16 +45,8 @@ def path_for(k: list) -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "fpo_ds-tokenized" / digest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(directory: Path) -> dict[str, str]:
-    return {f.name: _sha256(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    return {f.name: integrity.sha256(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
 
 
 def write(ds, directory: Path, k: list) -> None:

@@ -7,6 +7,7 @@ Run under any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_P
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import signal
@@ -119,8 +120,12 @@ def _backward_and_step(c: Components, loss: torch.Tensor, verdict: Verdict | Non
     return bool(bad_grad), own_norm
 
 
-def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | None = None) -> StepResult:
+def train_step(
+    c: Components, step: int, lengths: list[int], stop: Preemption | None = None, order_start: int = 0
+) -> StepResult:
     """One optimizer step (this rank's share of the global batch, in micro-batches grouped by `lengths`).
+
+    `order_start`: the step at which the data set's order began (0, or where a resume allowed a new data set).
 
     Skip semantics: a non-finite loss on any rank, or a non-finite gradient, skips the whole step
     (optimizer state untouched) and every pair id of the step is reported. The ranks agree on it,
@@ -130,7 +135,7 @@ def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | 
     t0, lr = time.time(), c.policy.get_lr()[0]
     t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
     seed, g, mb = c.recipe.data.seed, t.global_batch_size, t.micro_batch_size
-    plan = data.micro_batches(len(c.pairs), seed, step, g, mb, world, lengths)
+    plan = data.micro_batches(len(c.pairs), seed, step - order_start, g, mb, world, lengths)
     poison = faults.poison(step + 1)
     results: list[MicroResult] = []
     verdict = Verdict(False, False)
@@ -225,16 +230,14 @@ def run(recipe: C.Recipe) -> Result:
     """Train per the recipe, resuming per output.resume; stops early (with a checkpoint) on preemption."""
     dist.init(recipe.deepspeed.timeout_minutes)
     stop = Preemption()  # after the rendezvous: a signal during that wait ends the process at once
-    decided: list[resume.ResumePlan] = []  # rank 0's, filled under the run lock
-    with rundir.exclusive(lambda: _claim(recipe, decided)):
-        return _run(recipe, resume.share(decided[0] if decided else None), stop)
+    with rundir.exclusive(lambda: _claim(recipe)):
+        return _run(recipe, resume.plan(recipe), stop)
 
 
-def _claim(recipe: C.Recipe, decided: list):
-    """Rank 0, before anything is loaded: the run lock, a ready output.dir, and the resume plan."""
+def _claim(recipe: C.Recipe):
+    """Rank 0, before anything is loaded: the run lock and a ready output.dir."""
     lock = rundir.claim(recipe.output.dir, "output.dir")
     rundir.prepare(recipe.output)
-    decided.append(resume.decide(recipe))
     return lock
 
 
@@ -258,6 +261,8 @@ def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
     for line in plan.describe():
         dist.log(line)
     c = build(recipe, "train", plan)
+    check = functools.partial(resume.data_start, plan, c.data_fingerprint, len(c.pairs), recipe)
+    order_start = dist.from_rank0(dist.on_rank0(check))  # the step at which this data set's order began
     start, num_tokens = _load(c, recipe, plan)
     if dist.rank() == 0:
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
@@ -286,11 +291,12 @@ def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
         writer.write(0, base, start)
     stop.training = True
     for step in range(start, c.total_steps):
-        m, skipped, reason, preempted = train_step(c, step, lengths, stop)
+        m, skipped, reason, preempted = train_step(c, step, lengths, stop, order_start)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
         num_tokens += m["step_tokens"]
-        m.update(nonfinite_skipped_steps=bad_total, num_tokens=num_tokens, epoch=(step + 1) / steps_per_epoch)
+        epoch = (step + 1 - order_start) / steps_per_epoch  # epochs of this data set
+        m.update(nonfinite_skipped_steps=bad_total, num_tokens=num_tokens, epoch=epoch)
         if skipped:
             ids = sorted(set(sum(_gather_lists(skipped), [])))  # every pair of the step, from every rank
             dist.log(
@@ -311,6 +317,7 @@ def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
         writer.write(done, m, start)
         if _save_due(recipe.output, done, c.total_steps) or preempted:
             client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size, "num_tokens": num_tokens}
+            client |= {"data_fingerprint": c.data_fingerprint, "data_start": order_start}
             saved = checkpoint.save(c.policy, recipe, done, client, c.policy.module.config, c.tokenizer)
         if preempted:
             how = "interrupted" if stop.signal == "SIGINT" else "preempted"

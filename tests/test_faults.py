@@ -83,6 +83,25 @@ def test_all_ranks_killed_during_save_keeps_last_good_and_resumes(world, uninter
     assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], abs=1e-5)
 
 
+def test_a_corrupted_checkpoint_file_is_named_and_the_previous_tag_resumed(world, uninterrupted, tmp_path):
+    """Flipped bytes at an unchanged size: the sha256 recorded at save names the file; auto falls back a tag."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shard = sorted((out / "checkpoints" / "step_00000006").glob("*optim_states.pt"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    text = _train(world, out, "output.save_every=2", "output.keep_last=5", port=29721)
+    assert f"step_00000006 is damaged: {shard.name}" in text and "passing over step_00000006" in text, text[-3000:]
+    assert "step_00000004 at step 4" in text  # the newest intact tag
+    got, want = _losses(out), _losses(uninterrupted)
+    assert [got[s] for s in (5, 6)] == pytest.approx([want[s] for s in (5, 6)], abs=1e-5)
+    marker = json.loads((out / "checkpoints" / "step_00000006" / "COMPLETE.json").read_text())  # saved again
+    assert marker["data_fingerprint"] and all(len(e["sha256"]) == 64 for e in marker["files"].values())
+
+
 def test_deleted_checkpoint_shard_fails_fast_naming_it(world, uninterrupted, tmp_path):
     import shutil
 

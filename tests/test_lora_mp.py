@@ -141,7 +141,7 @@ def test_lora_checkpoint_holds_only_trainable_state_and_resumes_exactly(runs):
     tag = runs["tmp"] / "runs" / "z3" / "checkpoints" / "step_00000004"
     marker = json.loads((tag / "COMPLETE.json").read_text())
     assert marker["trainable_only"] is True
-    model_states = sum(v for k, v in marker["files"].items() if "model_states" in k)
+    model_states = sum(v["bytes"] for k, v in marker["files"].items() if "model_states" in k)
     params = toy_params(runs["world"])
     assert model_states < params * 4  # far below the frozen base's fp32 bytes (placeholders excluded)
     assert "trainable state only (LoRA adapters" in (runs["tmp"] / "out2" / "log.txt").read_text()

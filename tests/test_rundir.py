@@ -104,3 +104,30 @@ def test_the_old_cache_entry_point_refuses_with_a_pointer():
     """`python -m fpo_ds.cache` once built the cache; it now says where the build went instead of exiting 0."""
     proc = subprocess.run([sys.executable, "-m", "fpo_ds.cache"], capture_output=True, text=True)
     assert proc.returncode == 1 and "fpo-ds build-cache RECIPE" in proc.stderr
+
+
+def test_keep_last_prunes_universal_conversions_with_their_tags(tmp_path):
+    from fpo_ds import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step_0000000{step}").mkdir(parents=True)
+        (root / f"step_0000000{step}" / checkpoint.MARKER).write_text("{}")
+        (root / "universal" / f"step_0000000{step}").mkdir(parents=True)
+    (root / "universal" / "step_00000002.partial").mkdir()  # a conversion killed half-way
+    checkpoint._prune(root, keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in (root / "universal").iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_a_changed_data_set_is_refused_unless_allowed(tmp_path):
+    """The checkpoint's data fingerprint against this run's: same -> the old order; other -> refused or a new order."""
+    plan = resume.ResumePlan(tag=tmp_path / "step_00000004", step=4, data_fingerprint="aaa", data_start=0)
+    recipe = C.from_dict(BASE)
+    assert resume.data_start(plan, "aaa", 200, recipe) == 0  # unchanged: the order continues
+    assert resume.data_start(resume.ResumePlan(), "bbb", 200, recipe) == 0  # a fresh run
+    assert resume.data_start(dataclasses.replace(plan, data_fingerprint=None), "bbb", 200, recipe) == 0  # older save
+    with pytest.raises(ValueError, match=r"another data set.*aaa -> bbb.*resume_allow_changes=\[data.content\]"):
+        resume.data_start(plan, "bbb", 200, recipe)
+    allowed = C.from_dict({**BASE, "output": {"resume_allow_changes": ["data.content"]}})
+    assert resume.data_start(plan, "bbb", 200, allowed) == 4  # its own epoch order starts after step 4

@@ -39,8 +39,7 @@ def lines(recipe, hf_config, params: int, gpus: int, gpu_mem_gib: float) -> list
     if stage == 3:
         items["weights"] //= gpus
     full = zero_auto.rank_bytes(recipe, facts, gpus, 2, 2)
-    m = recipe.loss.method
-    live = m in ("tdpo1", "tdpo2") or (m in ("dpo", "ipo") and recipe.loss.reference == "live")
+    live = recipe.loss.ref_kind == "live"
     ckpt = recipe.model.gradient_checkpointing
     lo, hi = flops_per_token(params, t, ckpt, live), flops_per_token(params, None, ckpt, live)
     lo_cfg = recipe.model.lora
