@@ -434,16 +434,8 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append(f"loss.beta: must be a finite number > 0, got {lo.beta}")
     if not (math.isfinite(lo.alpha) and lo.alpha >= 0):
         problems.append(f"loss.alpha: must be a finite number >= 0, got {lo.alpha}")
-    if lo.needs_features and not (s.path or (s.release and s.sae_id)):
-        problems.append(f"sae: method {lo.method} needs an SAE: set sae.path, or sae.release and sae.sae_id")
-    if lo.needs_features and not r.cache.dir:
-        problems.append(
-            f"cache.dir: method {lo.method} needs the offline reference cache (build it with `fpo-ds build-cache`)"
-        )
-    elif lo.ref_kind == "offline" and not r.cache.dir:
-        problems.append("cache.dir: loss.reference=offline needs the offline reference cache")
-    if lo.reference == "offline" and lo.needs_kl:
-        problems.append("loss.reference: TDPO needs full-vocabulary reference distributions; use live")
+    if lo.method in METHOD_NEEDS:  # an unknown method is reported by its own field
+        _check_method_needs(r, problems)
     if s.k < 1:
         problems.append(f"sae.k: must be >= 1, got {s.k}")
     if isinstance(s.shard_group, str) and s.shard_group not in ("node", "world", "none"):
@@ -456,6 +448,20 @@ def _check(r: Recipe, problems: list[str]) -> None:
         problems.append("output.resume: use auto, never or a checkpoint path")
     _check_lora(r.model.lora, problems)
 
+
+def _check_method_needs(r: Recipe, problems: list[str]) -> None:
+    """What the method needs from the rest of the recipe: an SAE, the offline cache, a live reference."""
+    s, lo = r.sae, r.loss
+    if lo.needs_features and not (s.path or (s.release and s.sae_id)):
+        problems.append(f"sae: method {lo.method} needs an SAE: set sae.path, or sae.release and sae.sae_id")
+    if lo.needs_features and not r.cache.dir:
+        problems.append(
+            f"cache.dir: method {lo.method} needs the offline reference cache (build it with `fpo-ds build-cache`)"
+        )
+    elif lo.ref_kind == "offline" and not r.cache.dir:
+        problems.append("cache.dir: loss.reference=offline needs the offline reference cache")
+    if lo.reference == "offline" and lo.needs_kl:
+        problems.append("loss.reference: TDPO needs full-vocabulary reference distributions; use live")
 
 # The response log-prob path reads the LM head's weight directly (model.ResponseHead): an adapter
 # or a trained copy there would be skipped.
