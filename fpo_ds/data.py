@@ -9,6 +9,8 @@ after another) so caches and resumes can name it.
 from __future__ import annotations
 
 import functools
+import hashlib
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,10 +233,18 @@ def _mix(d, srcs: list[S.Source], part: Part) -> list[Selection]:
     return out
 
 
-def fingerprint(selections: list[Selection]) -> str:
-    """The data's fingerprint: the selected rows of every source and their forced formats."""
-    fmt = lambda s: "" if s.source.format == "auto" else f":{s.source.format}"  # noqa: E731
-    return S.fingerprint([s.rows._fingerprint + fmt(s) for s in selections])
+def fingerprint(pairs: list[Pair]) -> str:
+    """The data's fingerprint: a hash of the pairs' token ids, in order.
+
+    It follows the content only, so data staged to another path or copied with a new modification
+    time (a job's local scratch) keeps its fingerprint, and so its checkpoints and caches.
+    """
+    h = hashlib.sha256()
+    for q in pairs:
+        lengths = (q.example_id, len(q.prompt_ids), len(q.chosen_ids), len(q.rejected_ids))
+        h.update(array("q", lengths).tobytes())
+        h.update(array("q", q.prompt_ids + q.chosen_ids + q.rejected_ids).tobytes())
+    return h.hexdigest()[:16]
 
 
 def select_rows(data_cfg, part: Part = "train"):
@@ -300,7 +310,7 @@ def tokenize_to_disk(sel: Selection, tokenizer, data_cfg, path: Path, num_proc: 
 
 class Loaded(NamedTuple):
     pairs: list[Pair]
-    fingerprint: str  # of the selected rows of every source (data_sources.fingerprint)
+    fingerprint: str  # of the pairs' token ids (fingerprint)
     sources: list[dict]  # per source: rows read, selected, kept, dropped per reason, formats
 
 
@@ -365,7 +375,7 @@ def load(data_cfg, tokenizer, part: Part = "train", log=None, prepare=None) -> L
                 "tokenized": str(path),
             }
         )
-    return Loaded(pairs, fingerprint(selections), sources)
+    return Loaded(pairs, fingerprint(pairs), sources)
 
 
 def load_pairs(data_cfg, tokenizer, part: Part = "train", log=None) -> tuple[list[Pair], str]:

@@ -9,7 +9,6 @@ seeded by data.seed, so every rank and every resume selects the same rows.
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -247,8 +246,3 @@ def take(rows, n: int, seed: int, salt: int):
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * salt + 17)
     picked = sorted(torch.randperm(len(rows), generator=g)[:rest].tolist())
     return rows.select(list(range(len(rows))) * full + picked)
-
-
-def fingerprint(parts: list[str]) -> str:
-    """One fingerprint for several selected row sets (a mixture): changes with any of them."""
-    return parts[0] if len(parts) == 1 else hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

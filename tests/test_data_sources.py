@@ -145,9 +145,8 @@ def test_mixture_is_seeded_counts_and_weights_and_holds_out_per_source(tmp_path)
     assert [len(s.rows) for s in sel] == [5, 9]  # 9 of 6 rows: each once, then 3 again
     again = D.select(counted)
     assert [s.rows["prompt"] for s in sel] == [s.rows["prompt"] for s in again]
-    assert D.fingerprint(sel) == D.fingerprint(again)
     other = D.select(C.DataConfig(mix=counted.mix, seed=4))
-    assert D.fingerprint(other) != D.fingerprint(sel)
+    assert [s.rows["prompt"] for s in other] != [s.rows["prompt"] for s in sel]  # the seed picks the rows
     held = C.DataConfig(mix=counted.mix, seed=3, eval_fraction=0.25)
     train, ev = D.select(held, "train"), D.select(held, "eval")
     for t, e in zip(train, ev):
@@ -180,3 +179,17 @@ def test_tokenized_cache_checks_itself_names_damage_and_rebuilds(tmp_path, token
     with pytest.raises(T.DamagedCache, match=r"token ids in \[\d+, \d+\], outside the tokenizer's vocabulary"):
         T.read(directory, 5)  # a set whose ids exceed the vocabulary is refused, naming the directory
     assert fp == D.load_pairs(cfg, tokenizer)[1]
+
+
+def test_fingerprint_follows_the_content_not_the_path_or_modification_time(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    fp = lambda path: D.load_pairs(C.DataConfig(path=path, max_length=48, max_prompt_length=24), tokenizer)[1]  # noqa: E731
+    original = fp(_jsonl(tmp_path / "d.jsonl"))
+    (tmp_path / "scratch").mkdir()
+    staged = _jsonl(tmp_path / "scratch" / "copy.jsonl")  # the same rows staged elsewhere, a new mtime
+    assert fp(staged) == original
+    assert fp(_jsonl(tmp_path / "scratch" / "copy.jsonl", ROWS[:-1])) != original  # one row fewer
+    swapped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i == 3 else r for i, r in enumerate(ROWS)]
+    assert fp(_jsonl(tmp_path / "scratch" / "copy.jsonl", swapped)) != original  # one pair's sides swapped
