@@ -15,7 +15,7 @@ def main(path: str) -> None:
     import torch.distributed as tdist
     from deepspeed.accelerator import get_accelerator
 
-    from fpo_ds import dist, sae, train
+    from fpo_ds import dist, encoder, train
 
     dist.init(2)
     device = get_accelerator().current_device_name()
@@ -23,20 +23,20 @@ def main(path: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 5, generator=g).to(device).requires_grad_(True)
     checks = {}
-    gathered = sae._Collective.apply(x, group, "gather")  # (1, 7, 5)
+    gathered = encoder._Collective.apply(x, group, "gather")  # (1, 7, 5)
     checks["gather"] = gathered.shape == (1, 7, 5) and torch.equal(gathered[0], x)
     w = torch.randn(1, 7, 5, generator=g).to(device)
     (gathered * w).sum().backward()
     checks["gather_grad"] = torch.equal(x.grad, w[0])
     y = torch.randn(1, 3, 4, generator=g).to(device).requires_grad_(True)
-    swapped = sae._Collective.apply(y, group, "exchange")
+    swapped = encoder._Collective.apply(y, group, "exchange")
     checks["exchange"] = torch.equal(swapped, y)
     v = torch.randn(1, 3, 4, generator=g).to(device)
     (swapped * v).sum().backward()
     checks["exchange_grad"] = torch.equal(y.grad, v)
     top = torch.randn(6, 3, generator=g).to(device)
-    checks["topk_gather"] = torch.equal(sae._gather(top, group, sae.TOPK_LOG)[0], top)
-    enc = sae.ShardedEncoder.__new__(sae.ShardedEncoder)  # _n_max reads only the group
+    checks["topk_gather"] = torch.equal(encoder._gather(top, group, encoder.TOPK_LOG)[0], top)
+    enc = encoder.ShardedEncoder.__new__(encoder.ShardedEncoder)  # _n_max reads only the group
     enc.group = group
     checks["n_max"] = enc._n_max(11, device) == 11
     checks["any_rank"] = train._any_rank(device, torch.tensor(True, device=device), False) == [True, False]
