@@ -15,3 +15,27 @@ def subprocess_env(**extra: str) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     env.update(extra)
     return env
+
+
+def launch_on_hosts(
+    entry: list[str], hosts: int, per_host: int, port: int, master: str, timeout: float
+) -> tuple[list, list[str]]:
+    """Run `torchrun ENTRY` on each namespace host (tests/infra/on_host.sh); (processes, their logs) once all end."""
+    import subprocess
+
+    from fpo_ds import pipeline
+
+    procs = []
+    for host in range(1, hosts + 1):
+        cmd = pipeline.torchrun_cmd(per_host, port, nodes=hosts, node_rank=host - 1, master=master)
+        procs.append(
+            subprocess.Popen(
+                [str(ROOT / "tests" / "infra" / "on_host.sh"), str(host), *cmd, *entry],
+                cwd=ROOT,
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs, [p.communicate(timeout=timeout)[0] for p in procs]

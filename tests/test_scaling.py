@@ -11,14 +11,13 @@ encoder against sae-lens for group sizes 1, 2 and 4. The assertions:
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import need_infra, subprocess_env
+from helpers import launch_on_hosts, need_infra
 
-from fpo_ds import data, pipeline
+from fpo_ds import data
 from fpo_ds.tools.demo import toy
 
 pytestmark = pytest.mark.multiproc
@@ -65,20 +64,7 @@ def run(tmp_path_factory):
     out.mkdir()
     (out / "spec.json").write_text(json.dumps(spec))
     entry = [str(ROOT / "tests" / "mp_driver.py"), str(out / "spec.json"), str(out)]
-    procs = []
-    for host in range(1, HOSTS + 1):
-        cmd = pipeline.torchrun_cmd(PER_HOST, 29641, nodes=HOSTS, node_rank=host - 1, master="10.77.0.1")
-        procs.append(
-            subprocess.Popen(
-                [str(ROOT / "tests" / "infra" / "on_host.sh"), str(host), *cmd, *entry],
-                cwd=ROOT,
-                env=subprocess_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = [p.communicate(timeout=1200)[0] for p in procs]
+    procs, logs = launch_on_hosts(entry, HOSTS, PER_HOST, 29641, "10.77.0.1", timeout=1200)
     (out / "log.txt").write_text("\n".join(logs))
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-4000:] for x in logs)
     assert "2 node(s) x 2 rank(s)" in logs[0]

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import need_infra, subprocess_env
+from helpers import launch_on_hosts, need_infra
 
-from fpo_ds import pipeline
 from fpo_ds.tools.demo import toy
 
 pytestmark = pytest.mark.multiproc
@@ -135,21 +134,8 @@ def run(tmp_path_factory):
     out.mkdir()
     (out / "spec.json").write_text(json.dumps(spec(tmp, world)))
     entry = [str(ROOT / "tests" / "step_time_driver.py"), str(out / "spec.json"), str(out)]
-    procs = []
     try:
-        for host in range(1, HOSTS + 1):
-            cmd = pipeline.torchrun_cmd(PER_HOST, 29651, nodes=HOSTS, node_rank=host - 1, master=f"{SUBNET}.1")
-            procs.append(
-                subprocess.Popen(
-                    [str(ROOT / "tests" / "infra" / "on_host.sh"), str(host), *cmd, *entry],
-                    cwd=ROOT,
-                    env=subprocess_env(),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        logs = [p.communicate(timeout=1500)[0] for p in procs]
+        procs, logs = launch_on_hosts(entry, HOSTS, PER_HOST, 29651, f"{SUBNET}.1", timeout=1500)
     finally:
         _unshape()
     (out / "log.txt").write_text("\n".join(logs))
