@@ -114,11 +114,8 @@ def part_name(rank: int, world: int) -> str:
 
 def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]:
     """Pair positions rank `rank` trains on over one epoch (the sampler's own assignment)."""
-    t = recipe.train
-    steps = n // t.global_batch_size
-    return [
-        i for s in range(steps) for i in data.step_indices(n, recipe.data.seed, s, t.global_batch_size, rank, world)
-    ]
+    order = data.Order(n, recipe.data.seed, recipe.train.global_batch_size)
+    return [i for s in range(order.steps_per_epoch) for i in order.positions(s, rank, world)]
 
 
 class Reader:

@@ -78,7 +78,7 @@ def save(engine, recipe, step: int, client_state: dict, model_config, tokenizer)
         if dist.rank() == 0:
             files = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": sums[n]} for n in names}
             info = {"step": step, "world_size": dist.world_size(), "files": files, "trainable_only": adapters_only}
-            info |= {k: client_state.get(k) for k in ("data_fingerprint", "data_start")}  # resume checks the data
+            info |= {k: client_state.get(k) for k in ("data_fingerprint", "data_order")}  # resume checks the data
             atomic_write(tag_dir / MARKER, json.dumps(info))
             if adapters_only:
                 total = sum(f["bytes"] for f in files.values()) / 2**20

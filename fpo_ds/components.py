@@ -10,6 +10,7 @@ reference. The rule that sae-lens is imported before any `deepspeed.zero.Init` l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -24,7 +25,7 @@ from fpo_ds import config as C
 from fpo_ds import model as M
 from fpo_ds.evaluation import EvalSet
 from fpo_ds.features import FeatureReader
-from fpo_ds.resume import ResumePlan
+from fpo_ds.resume import ResumePlan, data_order
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -44,6 +45,7 @@ class Components:
     tokenizer: PreTrainedTokenizerBase
     pairs: list[data.Pair]  # the training rows, tokenised
     data_fingerprint: str
+    order: data.Order  # which pairs each step trains on (continued from the checkpoint on resume)
     total_steps: int
     features: FeatureReader | None  # pooled SAE features at the SAE's block, of `policy` (train) or `reference_model`
     policy: DeepSpeedEngine | None = None  # train: the trainable policy (optimizer, schedule)
@@ -212,7 +214,11 @@ def build(recipe: C.Recipe, role: Role, resume: ResumePlan | None = None) -> Com
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     device = get_accelerator().current_device_name()
     tok, pairs, fingerprint = load_data(recipe)
-    steps = ds_config.total_steps(len(pairs), t)
+    order = data.Order(len(pairs), recipe.data.seed, t.global_batch_size)
+    if role == "train":  # a refused data change is one rank's message
+        check = functools.partial(data_order, resume, fingerprint, len(pairs), recipe)
+        order = dist.from_rank0(dist.on_rank0(check))
+    steps = order.total_steps(t.epochs, t.max_steps)
     for warning in C.recipe_warnings(recipe):
         dist.log(f"warning: {warning}")
     if t.warmup_steps > steps and t.max_steps is None:
@@ -221,7 +227,8 @@ def build(recipe: C.Recipe, role: Role, resume: ResumePlan | None = None) -> Com
     if wants_features(recipe, role):
         import_sae_lens()
         encoder, layer = _encoder(recipe, device)
-    common = dict(recipe=recipe, ds_cfg=ds_cfg, device=device, tokenizer=tok, pairs=pairs, data_fingerprint=fingerprint)
+    common = dict(recipe=recipe, ds_cfg=ds_cfg, device=device, tokenizer=tok, pairs=pairs, data_fingerprint=fingerprint,
+                  order=order)  # fmt: skip
     if role == "cache":
         engine = _reference_engine(recipe, ds_cfg, device)
         features = FeatureReader(engine.module, layer, encoder) if encoder else None

@@ -393,24 +393,137 @@ def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[int]:
-    """Positions (into the pair list) this rank trains on at optimizer step `step`.
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int, block: int) -> tuple[int, ...]:
+    """Positions of one epoch, in training order.
 
-    Global batch s is order[s*G:(s+1)*G] of one seeded permutation; rank r takes the r-th
-    contiguous block of G/world, consumed in micro-batches. The union over ranks does not
-    depend on world size or micro batch, so those settings are interchangeable. Later
-    epochs visit the same global batches in a new seeded order: which rank holds which
-    pair never changes, so the offline cache partitioned at build time stays rank-local.
+    Epoch 0 is one seeded permutation of the n positions. A later epoch visits the same blocks
+    of `block` positions (the global batch that epoch began with) in a new seeded order, so
+    which rank holds which pair never changes and the offline cache partitioned at build time
+    stays rank-local. A last block shorter than `block` is left out of later epochs.
     """
-    steps_per_epoch = n // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"only {n} pairs: fewer than one global batch ({global_batch})")
-    epoch, s = divmod(step, steps_per_epoch)
-    if epoch:
-        s = _permutation(steps_per_epoch, seed, epoch)[s]
-    per_rank = global_batch // world
-    start = s * global_batch + rank * per_rank
-    return list(_permutation(n, seed, 0)[start : start + per_rank])
+    first = _permutation(n, seed, 0)
+    if epoch == 0:
+        return first
+    return tuple(i for b in _permutation(n // block, seed, epoch) for i in first[b * block : (b + 1) * block])
+
+
+@dataclass(frozen=True)
+class Order:
+    """Which pair positions each optimizer step trains on, from `start_step` on.
+
+    Steps take `global_batch` consecutive positions of their epoch's order (`_epoch_order`);
+    rank r takes the r-th contiguous block of global_batch/world. The union over ranks does not
+    depend on world size or micro batch, so those settings are interchangeable. An epoch ends
+    when fewer than `global_batch` of its positions remain (they are left out, as a drop-last
+    sampler does).
+
+    A resume continues where the order stood, in pair positions, not steps: `epoch` is the epoch
+    in progress at `start_step`, `offset` how many of its positions earlier steps trained, and
+    `epoch_block` the global batch that epoch began with (its order depends on it). So a resume
+    with another global batch trains the rest of the epoch, every pair once, and the next epoch
+    starts with the new batch size. `samples_before`: pairs trained before `start_step`.
+    """
+
+    n: int
+    seed: int
+    global_batch: int
+    start_step: int = 0
+    epoch: int = 0
+    offset: int = 0
+    epoch_block: int = 0  # 0: global_batch
+    samples_before: int = 0
+
+    def __post_init__(self):
+        if self.n // self.global_batch == 0:
+            raise ValueError(f"only {self.n} pairs: fewer than one global batch ({self.global_batch})")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def rest_of_epoch(self) -> tuple[tuple[int, ...], int]:
+        """The epoch in progress at start_step: its order, and the steps left in it."""
+        order = _epoch_order(self.n, self.seed, self.epoch, self.epoch_block or self.global_batch)
+        return order, max(0, len(order) - self.offset) // self.global_batch
+
+    def locate(self, step: int) -> tuple[int, tuple[int, ...], int, int]:
+        """Step `step` (0-based): (its epoch, that epoch's order, its first position there, positions trained in it)."""
+        k = step - self.start_step
+        if k < 0:
+            raise ValueError(f"step {step + 1} comes before this data order's start (step {self.start_step + 1})")
+        order, left = self.rest_of_epoch()
+        g = self.global_batch
+        if k < left:
+            return self.epoch, order, self.offset + k * g, self.offset + left * g
+        e, k = self.epoch + 1 + (k - left) // self.steps_per_epoch, (k - left) % self.steps_per_epoch
+        return e, _epoch_order(self.n, self.seed, e, g), k * g, self.steps_per_epoch * g
+
+    def positions(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
+        """Positions (into the pair list) rank `rank` of `world` trains on at optimizer step `step` (0-based)."""
+        _, order, at, _ = self.locate(step)
+        per_rank = self.global_batch // world
+        return list(order[at + rank * per_rank : at + (rank + 1) * per_rank])
+
+    def micro_batches(self, step: int, micro: int, world: int, lengths: list[int] | None = None):
+        """Positions of optimizer step `step`, as [micro-batch][rank] -> that rank's positions.
+
+        With `lengths` (padded length per position), each rank's share is ordered longest first
+        before it is cut into micro-batches, so pairs of similar length pad together. That only
+        reorders a rank's own pairs within the step: which pairs a step sees and which rank holds
+        them are unchanged (the offline cache partition and exact resume hold). Every rank computes
+        every rank's share (arithmetic on one seeded permutation), so anything sized by the busiest
+        rank of a micro-batch needs no collective.
+        """
+        every = [self.positions(step, r, world) for r in range(world)]
+        if lengths is not None:
+            every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
+        return [[ix[i : i + micro] for ix in every] for i in range(0, self.global_batch // world, micro)]
+
+    def epochs_done(self, done: int) -> float:
+        """Epochs of this data set trained after `done` optimizer steps (a whole number at an epoch's end)."""
+        if done <= self.start_step:  # an epoch whose rest is less than a global batch is done
+            left = self.rest_of_epoch()[1]
+            return self.epoch + self.offset / (self.offset + left * self.global_batch) if left else self.epoch + 1.0
+        e, _, at, length = self.locate(done - 1)
+        return e + (at + self.global_batch) / length
+
+    def state(self, done: int) -> dict:
+        """Where the order stands after `done` steps, for the checkpoint: `Order(**state)` continues it."""
+        base = {"n": self.n, "seed": self.seed, "global_batch": self.global_batch, "start_step": done}
+        if done <= self.start_step:
+            block = self.epoch_block or self.global_batch
+            return base | {"epoch": self.epoch, "offset": self.offset, "epoch_block": block,
+                           "samples_before": self.samples_before}  # fmt: skip
+        e, _, at, _ = self.locate(done - 1)
+        block = (self.epoch_block or self.global_batch) if e == self.epoch else self.global_batch
+        samples = self.samples_before + (done - self.start_step) * self.global_batch
+        return base | {"epoch": e, "offset": at + self.global_batch, "epoch_block": block, "samples_before": samples}
+
+    def total_steps(self, epochs: int, max_steps: int | None) -> int:
+        """The run's last step: the end of epoch `epochs`, capped by max_steps (beyond it: refused, with the numbers).
+
+        The LR schedule (warm-up, decay) is sized on this number: the steps the run really takes.
+        """
+        left = self.rest_of_epoch()[1]
+        total = self.start_step if self.epoch >= epochs else (
+            self.start_step + left + (epochs - self.epoch - 1) * self.steps_per_epoch)  # fmt: skip
+        if max_steps and max_steps > total:
+            at = f"resumed at step {self.start_step} (epoch {self.epochs_done(self.start_step):.3g})"
+            where = f", {at}, ends at step {total}" if self.start_step else f" = {total} steps"
+            need = self.epoch + 1 + -(-(max_steps - self.start_step - left) // self.steps_per_epoch)
+            raise ValueError(
+                f"train.max_steps={max_steps} is more than the data gives: {self.n} pairs // "
+                f"train.global_batch_size={self.global_batch} = {self.steps_per_epoch} steps per epoch x "
+                f"train.epochs={epochs}{where}. Set train.epochs={need} to train {max_steps} steps "
+                f"(later epochs revisit the pairs in a new order), or train.max_steps={total} or less"
+            )
+        return min(total, max_steps) if max_steps else total
+
+
+def step_indices(n: int, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[int]:
+    """Positions rank `rank` trains on at optimizer step `step` of a run that starts a fresh order (see Order)."""
+    return Order(n, seed, global_batch).positions(step, rank, world)
 
 
 def padded_length(pair: Pair) -> int:
@@ -421,19 +534,8 @@ def padded_length(pair: Pair) -> int:
 def micro_batches(
     n: int, seed: int, step: int, global_batch: int, micro: int, world: int, lengths: list[int] | None = None
 ) -> list[list[list[int]]]:
-    """Positions of optimizer step `step`, as [micro-batch][rank] -> that rank's positions.
-
-    With `lengths` (padded length per position), each rank's share is ordered longest first
-    before it is cut into micro-batches, so pairs of similar length pad together. That only
-    reorders a rank's own pairs within the step: which pairs a step sees and which rank holds
-    them are unchanged (the offline cache partition and exact resume hold). Every rank computes
-    every rank's share (arithmetic on one seeded permutation), so anything sized by the busiest
-    rank of a micro-batch needs no collective.
-    """
-    every = [step_indices(n, seed, step, global_batch, r, world) for r in range(world)]
-    if lengths is not None:
-        every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
-    return [[ix[i : i + micro] for ix in every] for i in range(0, global_batch // world, micro)]
+    """Order.micro_batches of a run that starts a fresh order: [micro-batch][rank] -> that rank's positions."""
+    return Order(n, seed, global_batch).micro_batches(step, micro, world, lengths)
 
 
 def eval_plan(n: int, micro: int, world: int) -> list[list[list[int]]]:

@@ -28,31 +28,6 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
     return global_batch // per_step
 
 
-def total_steps(n_pairs: int, train_cfg) -> int:
-    """Optimizer steps of a run: whole global batches per epoch x epochs, capped by train.max_steps.
-
-    A train.max_steps beyond what train.epochs gives is refused with the numbers, never cut
-    silently: the LR schedule (warm-up, decay) is sized on the steps the run really takes.
-    """
-    t = train_cfg
-    per_epoch = n_pairs // t.global_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"data: {n_pairs} usable pairs is less than one global batch (train.global_batch_size="
-            f"{t.global_batch_size}); add data or lower the batch size"
-        )
-    total = per_epoch * t.epochs
-    if t.max_steps and t.max_steps > total:
-        need = -(-t.max_steps // per_epoch)
-        raise ValueError(
-            f"train.max_steps={t.max_steps} is more than the data gives: {n_pairs} pairs // train.global_batch_size="
-            f"{t.global_batch_size} = {per_epoch} steps per epoch x train.epochs={t.epochs} = {total} steps. Set "
-            f"train.epochs={need} to train {t.max_steps} steps (later epochs revisit the pairs in a new order), or "
-            f"train.max_steps={total} or less"
-        )
-    return min(total, t.max_steps) if t.max_steps else total
-
-
 def path(name: str) -> Path:
     """`deepspeed.config` (not `auto`) as given (relative to the working directory), else the bundled JSON.
 

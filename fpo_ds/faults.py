@@ -8,17 +8,23 @@
   fail@STEP          the same rank raises an error as that step starts (one rank fails, its peers wait)
 
 Unset (always, outside tests) it does nothing. Steps count from 1, as in the logs.
+
+A second variable records what the data order gave: FPO_DS_TRACE_PAIRS=DIR makes every rank
+append {"step", "rank", "ids"} (the example ids it trained) to DIR/rank<R>.jsonl at each step.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Literal
 
 from fpo_ds import dist
 
 Poison = Literal["loss", "gradient"]
 VAR = "FPO_DS_FAULT"
+TRACE = "FPO_DS_TRACE_PAIRS"
 KINDS = ("nan_loss", "nan_grad", "die_in_save", "fail")
 
 
@@ -47,3 +53,10 @@ def poison(step: int) -> Poison | None:
 def maybe_die_in_save(step: int) -> None:
     if step in _steps("die_in_save"):
         os._exit(137)
+
+
+def trace_pairs(step: int, ids: list[int]) -> None:
+    """Under FPO_DS_TRACE_PAIRS, record the example ids this rank trains at optimizer step `step` (1-based)."""
+    if out := os.environ.get(TRACE):
+        with open(Path(out) / f"rank{dist.rank()}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "rank": dist.rank(), "ids": ids}) + "\n")

@@ -7,7 +7,7 @@ over for the newest intact one, as a missing `latest` is), refuses a recipe chan
 the run's meaning, and converts a checkpoint saved by another world size to DeepSpeed's
 universal form (keyed by the tag's checksums, so a rewritten tag is converted again). Every rank
 gets the same ResumePlan; the trainer logs it once (`describe`), and the engine builder and the
-loader only read it. `data_start` then holds the run to the data set the checkpoint trained on.
+loader only read it. `data_order` then continues the checkpoint's data order, where it stood.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fpo_ds import checkpoint, dist
+from fpo_ds import checkpoint, data, dist
 from fpo_ds import config as C
 
 
@@ -37,7 +37,8 @@ class ResumePlan:
     deepspeed_config: dict | None = None  # the run's resolved DeepSpeed config (deepspeed.config=auto)
     notes: tuple[str, ...] = ()  # how the tag was found, when not simply by `latest`
     data_fingerprint: str | None = None  # of the pairs the checkpoint trained on (None: saved before it was kept)
-    data_start: int = 0  # the step at which that data set's order began (a changed data set restarts it)
+    data_order: dict | None = None  # where the data order stood at the save (data.Order.state)
+    data_start: int = 0  # saves without data_order: the step at which the data set's order began
 
     def describe(self) -> list[str]:
         """The lines the trainer logs, once."""
@@ -173,33 +174,70 @@ def _decide(recipe: C.Recipe, tag: Path, info: dict, notes: tuple[str, ...]) -> 
     converted = checkpoint.partitioned(tag) and saved_world != dist.world_size()
     load_from = to_universal(tag, saved_world, checkpoint.identity(info)) if converted else tag
     ds = _saved_deepspeed_config(recipe.output.dir)
-    data_fp, data_start = info.get("data_fingerprint"), int(info.get("data_start") or 0)
+    data_fp, order, data_start = info.get("data_fingerprint"), info.get("data_order"), int(info.get("data_start") or 0)
     step = int(info["step"])
-    return ResumePlan(tag, load_from, converted, saved_world, step, changes, allowed, ds, notes, data_fp, data_start)
+    return ResumePlan(
+        tag, load_from, converted, saved_world, step, changes, allowed, ds, notes, data_fp, order, data_start
+    )
 
 
 DATA_CHANGE = "data.content"  # the output.resume_allow_changes entry that accepts another data set
 
 
-def data_start(plan: ResumePlan, fingerprint: str, n_pairs: int, recipe: C.Recipe) -> int:
-    """The step at which the current data order began: the checkpoint's, or this one for an allowed new data set.
+def data_order(plan: ResumePlan, fingerprint: str, n_pairs: int, recipe: C.Recipe) -> data.Order:
+    """The run's data order: a fresh one, the checkpoint's continued, or a new one for an allowed new data set.
 
     A data set whose fingerprint differs from the checkpoint's is refused unless
-    output.resume_allow_changes names data.content; then its own epoch order starts here.
+    output.resume_allow_changes names data.content; then its own epoch order starts here. An
+    allowed change of train.global_batch_size continues the checkpoint's order at the pair it
+    stood at: the rest of the epoch is trained once, in batches of the new size.
     """
-    if plan.tag is None or plan.data_fingerprint in (None, fingerprint):
-        return plan.data_start
-    what = f"the data set changed since {plan.tag.name} (fingerprint {plan.data_fingerprint} -> {fingerprint})"
-    if DATA_CHANGE not in recipe.output.resume_allow_changes:
-        raise ValueError(
-            f"output.dir: resuming with another data set: {what}. Continuing the old order over other rows would "
-            "silently repeat some pairs and skip others. Restore the data, start a new run (another output.dir), or "
-            f"accept it with output.resume_allow_changes=[{DATA_CHANGE}]: the new data set then starts its own "
-            f"epoch order at step {plan.step + 1}"
+    t, seed = recipe.train, recipe.data.seed
+    if plan.tag is None:
+        return data.Order(n_pairs, seed, t.global_batch_size)
+    samples = (plan.data_order or {}).get("samples_before", plan.step * _saved_batch(plan, t))
+    if plan.data_fingerprint not in (None, fingerprint):
+        what = f"the data set changed since {plan.tag.name} (fingerprint {plan.data_fingerprint} -> {fingerprint})"
+        if DATA_CHANGE not in recipe.output.resume_allow_changes:
+            raise ValueError(
+                f"output.dir: resuming with another data set: {what}. Continuing the old order over other rows would "
+                "silently repeat some pairs and skip others. Restore the data, start a new run (another output.dir), "
+                f"or accept it with output.resume_allow_changes=[{DATA_CHANGE}]: the new data set then starts its own "
+                f"epoch order at step {plan.step + 1}"
+            )
+        dist.log(f"resume: {what}, allowed by output.resume_allow_changes: a new epoch order over its {n_pairs} "
+                 f"pairs starts at step {plan.step + 1}")  # fmt: skip
+        return data.Order(n_pairs, seed, t.global_batch_size, plan.step, samples_before=samples)
+    if "data.seed" in plan.changes:
+        dist.log(
+            f"resume: data.seed changed: a new epoch order over the {n_pairs} pairs starts at step {plan.step + 1}"
         )
-    dist.log(f"resume: {what}, allowed by output.resume_allow_changes: a new epoch order over its {n_pairs} pairs "
-             f"starts at step {plan.step + 1}")  # fmt: skip
-    return plan.step
+        return data.Order(n_pairs, seed, t.global_batch_size, plan.step, samples_before=samples)
+    saved = plan.data_order or _legacy_state(plan, n_pairs, seed, _saved_batch(plan, t))
+    order = data.Order(**{**saved, "global_batch": t.global_batch_size})
+    if saved["global_batch"] != t.global_batch_size:
+        seq, left = order.rest_of_epoch()
+        dropped = len(seq) - order.offset - left * t.global_batch_size
+        dropped = f"; its last {dropped} positions are left out (less than a global batch)" if dropped else ""
+        dist.log(
+            f"resume: train.global_batch_size {saved['global_batch']} -> {t.global_batch_size}: the data order "
+            f"continues at position {order.offset} of epoch {order.epoch} ({order.epochs_done(plan.step):.4g} epochs "
+            f"done); {left} step(s) of {t.global_batch_size} pairs finish that epoch{dropped}"
+        )
+    return order
+
+
+def _saved_batch(plan: ResumePlan, t) -> int:
+    """The global batch the checkpoint trained with."""
+    return int(plan.changes.get("train.global_batch_size", (t.global_batch_size,))[0])
+
+
+def _legacy_state(plan: ResumePlan, n_pairs: int, seed: int, batch: int) -> dict:
+    """The order's state for a checkpoint saved before data_order was kept: steps since data_start, one batch size."""
+    per_epoch = n_pairs // batch
+    epoch, k = divmod(plan.step - plan.data_start, per_epoch)
+    return {"n": n_pairs, "seed": seed, "global_batch": batch, "start_step": plan.step, "epoch": epoch,
+            "offset": k * batch, "epoch_block": batch, "samples_before": plan.step * batch}  # fmt: skip
 
 
 def universal_dir(tag_dir: Path) -> Path:

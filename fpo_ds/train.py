@@ -7,7 +7,6 @@ Run under any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_P
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import signal
@@ -120,12 +119,10 @@ def _backward_and_step(c: Components, loss: torch.Tensor, verdict: Verdict | Non
     return bool(bad_grad), own_norm
 
 
-def train_step(
-    c: Components, step: int, lengths: list[int], stop: Preemption | None = None, order_start: int = 0
-) -> StepResult:
+def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | None = None) -> StepResult:
     """One optimizer step (this rank's share of the global batch, in micro-batches grouped by `lengths`).
 
-    `order_start`: the step at which the data set's order began (0, or where a resume allowed a new data set).
+    Which pairs: `c.order` (continued from the checkpoint on resume).
 
     Skip semantics: a non-finite loss on any rank, or a non-finite gradient, skips the whole step
     (optimizer state untouched) and every pair id of the step is reported. The ranks agree on it,
@@ -134,9 +131,9 @@ def train_step(
     """
     t0, lr = time.time(), c.policy.get_lr()[0]
     t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
-    seed, g, mb = c.recipe.data.seed, t.global_batch_size, t.micro_batch_size
-    plan = data.micro_batches(len(c.pairs), seed, step - order_start, g, mb, world, lengths)
+    plan = c.order.micro_batches(step, t.micro_batch_size, world, lengths)
     poison = faults.poison(step + 1)
+    faults.trace_pairs(step + 1, [c.pairs[j].example_id for positions in plan for j in positions[rank]])
     results: list[MicroResult] = []
     verdict = Verdict(False, False)
     bad_grad, own_norm = False, None
@@ -261,8 +258,6 @@ def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
     for line in plan.describe():
         dist.log(line)
     c = build(recipe, "train", plan)
-    check = functools.partial(resume.data_start, plan, c.data_fingerprint, len(c.pairs), recipe)
-    order_start = dist.from_rank0(dist.on_rank0(check))  # the step at which this data set's order began
     start, num_tokens = _load(c, recipe, plan)
     if dist.rank() == 0:
         C.dump(recipe, Path(recipe.output.dir) / "recipe.yaml")
@@ -284,18 +279,17 @@ def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
     writer = metrics.Writer(recipe.output.dir, recipe.logging, c.total_steps, C.to_dict(recipe))
     history, preempted, bad_run, bad_total, saved = [], False, 0, 0, None
     lengths = [data.padded_length(p) for p in c.pairs]
-    steps_per_epoch = len(c.pairs) // recipe.train.global_batch_size
     if c.evaluation is not None and recipe.train.eval_every and start == 0:  # the starting policy's baseline
         base = evaluation.held_out_metrics(c)
         dist.log(metrics.eval_line(0, base))
         writer.write(0, base, start)
     stop.training = True
     for step in range(start, c.total_steps):
-        m, skipped, reason, preempted = train_step(c, step, lengths, stop, order_start)
+        m, skipped, reason, preempted = train_step(c, step, lengths, stop)
         bad_run = bad_run + 1 if skipped else 0
         bad_total += bool(skipped)
         num_tokens += m["step_tokens"]
-        epoch = (step + 1 - order_start) / steps_per_epoch  # epochs of this data set
+        epoch = c.order.epochs_done(step + 1)  # epochs of this data set
         m.update(nonfinite_skipped_steps=bad_total, num_tokens=num_tokens, epoch=epoch)
         if skipped:
             ids = sorted(set(sum(_gather_lists(skipped), [])))  # every pair of the step, from every rank
@@ -316,8 +310,9 @@ def _run(recipe: C.Recipe, plan: resume.ResumePlan, stop: Preemption) -> Result:
         history.append({"step": done, **m})
         writer.write(done, m, start)
         if _save_due(recipe.output, done, c.total_steps) or preempted:
-            client = {"step": done, "consumed_samples": done * recipe.train.global_batch_size, "num_tokens": num_tokens}
-            client |= {"data_fingerprint": c.data_fingerprint, "data_start": order_start}
+            order = c.order.state(done)
+            client = {"step": done, "consumed_samples": order["samples_before"], "num_tokens": num_tokens}
+            client |= {"data_fingerprint": c.data_fingerprint, "data_order": order}
             saved = checkpoint.save(c.policy, recipe, done, client, c.policy.module.config, c.tokenizer)
         if preempted:
             how = "interrupted" if stop.signal == "SIGINT" else "preempted"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fpo_ds import data as D
 from fpo_ds.data import IGNORE_INDEX
@@ -205,3 +206,53 @@ def test_eval_plan_covers_every_pair_once_with_equal_rounds(n, micro, world):
     seen = sorted(j for rounds in plan for ix in rounds for j in ix if j >= 0)
     assert seen == list(range(n))
     assert all(len(rounds) == world and all(len(ix) == micro for ix in rounds) for rounds in plan)
+
+
+def _block_order(n: int, seed: int, step: int, g: int) -> list[int]:
+    """The order written out plainly: epoch 0 cuts one permutation into batches; later epochs shuffle those batches."""
+    per_epoch = n // g
+    epoch, s = divmod(step, per_epoch)
+    first = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
+    if epoch:
+        s = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()[s]
+    return first[s * g : (s + 1) * g]
+
+
+def test_order_is_the_seeded_batches_of_one_permutation_reshuffled_each_epoch():
+    for n, g, seed in ((40, 8, 3), (50, 16, 0), (64, 64, 7)):
+        order = D.Order(n, seed, g)
+        for step in range(3 * (n // g) + 1):
+            assert order.positions(step) == _block_order(n, seed, step, g), (n, g, step)
+            assert order.epochs_done(step + 1) == pytest.approx((step + 1) / (n // g))
+        assert order.total_steps(3, None) == 3 * (n // g) and order.total_steps(3, 2) == 2
+
+
+@pytest.mark.parametrize(
+    "n,g0,g1,k", [(64, 8, 16, 4), (64, 16, 8, 3), (100, 8, 24, 5), (64, 8, 16, 8), (96, 8, 32, 11)]
+)
+def test_a_resume_with_another_batch_size_trains_every_pair_once_per_epoch(n, g0, g1, k):
+    """Steps 1..k of g0 pairs, then a resume with g1: the epoch is finished without a pair skipped or repeated."""
+    before = D.Order(n, 1, g0)
+    state = before.state(k)
+    after = D.Order(**{**state, "global_batch": g1})
+    total = after.total_steps(3, None)
+    steps = [before.positions(s) for s in range(k)] + [after.positions(s) for s in range(k, total)]
+    assert [len(s) for s in steps] == [g0] * k + [g1] * (total - k)
+    ends = [s for s in range(k, total + 1) if after.epochs_done(s) == int(after.epochs_done(s)) and s > 0]
+    epochs, start = [], 0
+    for end in ends:  # the steps of each epoch: no pair twice, and at most one short batch left out
+        trained = [i for s in steps[start:end] for i in s]
+        assert len(set(trained)) == len(trained), (start, end)
+        assert n - len(trained) < max(g0, g1)
+        epochs.append(trained)
+        start = end
+    assert len(epochs) == 3 and after.epochs_done(total) == 3.0
+    assert epochs[0][: k * g0] == [i for s in range(k) for i in D.Order(n, 1, g0).positions(s)]
+    assert after.state(total)["samples_before"] == k * g0 + (total - k) * g1
+    # the state after the resume's own steps continues it again, to the same positions
+    again = D.Order(**after.state(k + 1))
+    assert [again.positions(s) for s in range(k + 1, total)] == steps[k + 1 :]
+    with pytest.raises(
+        ValueError, match=rf"train.max_steps={total + 1} is more than the data gives.*resumed at step {k}"
+    ):
+        after.total_steps(3, total + 1)

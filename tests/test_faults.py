@@ -284,6 +284,56 @@ def test_resume_refuses_a_changed_meaning_and_applies_a_new_lr(world, uninterrup
     assert info["resume_changes"]["train.lr"] == [0.001, 0.01]
 
 
+def _traced(trace: Path) -> dict[int, list[int]]:
+    """FPO_DS_TRACE_PAIRS's record: optimizer step -> the example ids every rank trained at it."""
+    steps: dict[int, list[int]] = {}
+    for f in sorted(trace.glob("rank*.jsonl")):
+        for r in map(json.loads, f.read_text().splitlines()):
+            steps.setdefault(r["step"], []).extend(r["ids"])
+    return steps
+
+
+def test_resume_with_a_new_batch_size_or_data_set_continues_or_restarts_the_data_order(world, tmp_path):
+    """A doubled global batch finishes the epoch where the order stood; a changed data set is refused, then allowed."""
+    import random
+
+    rows = (world / "data" / "train.jsonl").read_text().splitlines()
+    data, trace, out = tmp_path / "train.jsonl", tmp_path / "trace", tmp_path / "run"
+    data.write_text("\n".join(rows) + "\n")
+    trace.mkdir()
+    env = {"FPO_DS_TRACE_PAIRS": str(trace)}
+    _train(world, out, f"data.path={data}", "train.max_steps=4", "output.save_every=2", port=29726, env=env)
+    more = (f"data.path={data}", "train.max_steps=null", "train.epochs=2", "train.global_batch_size=16")
+    allow = "output.resume_allow_changes=[train.global_batch_size]"
+    text = _train(world, out, *more, allow, port=29727, env=env)
+    assert "resume: train.global_batch_size changed 8 -> 16 (allowed by output.resume_allow_changes)" in text
+    assert "the data order continues at position 32 of epoch 0 (0.5 epochs done); 2 step(s) of 16 pairs" in text
+    steps = _traced(trace)
+    assert sorted(steps) == list(range(1, 11)) and [len(steps[s]) for s in (4, 5, 10)] == [8, 16, 16]
+    for epoch in ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10]):  # each epoch trains the 64 pairs once each
+        ids = [i for s in epoch for i in steps[s]]
+        assert sorted(ids) == list(range(64)), epoch
+    epochs = {r["step"]: r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert [epochs[s] for s in (4, 5, 6, 7, 10)] == pytest.approx([0.5, 0.75, 1.0, 1.25, 2.0])
+    marker = json.loads((out / "checkpoints" / "step_00000010" / "COMPLETE.json").read_text())
+    assert marker["data_order"]["samples_before"] == 4 * 8 + 6 * 16
+    # the data file shuffled and cut: refused, nothing touched; then allowed, with its own epoch order
+    random.Random(0).shuffle(rows)
+    data.write_text("\n".join(rows[:48]) + "\n")
+    before = (out / "metrics.jsonl").read_text()
+    text = _train(world, out, *more, "train.epochs=3", port=29728, env=env, ok=False)
+    assert "resuming with another data set" in text and text.count("] FAILED:") == 1, text[-3000:]
+    assert (out / "metrics.jsonl").read_text() == before
+    allow = "output.resume_allow_changes=[data.content]"
+    text = _train(world, out, *more, "train.max_steps=12", allow, port=29729, env=env)
+    assert "a new epoch order over its 48 pairs starts at step 11" in text, text[-3000:]
+    steps = _traced(trace)
+    new = steps[11] + steps[12]
+    assert sorted(steps) == list(range(1, 13)) and len(set(new)) == 32 and max(new) < 48
+    epochs = {r["step"]: r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert epochs[12] == pytest.approx(2 / 3)
+
+
 def test_a_new_run_never_destroys_an_old_one(world, uninterrupted, tmp_path):
     import shutil
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from fpo_ds import config as C
+from fpo_ds import data as D
 from fpo_ds import resume, rundir
 
 BASE = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, "loss": {"method": "dpo"}}
@@ -122,12 +123,17 @@ def test_keep_last_prunes_universal_conversions_with_their_tags(tmp_path):
 
 def test_a_changed_data_set_is_refused_unless_allowed(tmp_path):
     """The checkpoint's data fingerprint against this run's: same -> the old order; other -> refused or a new order."""
-    plan = resume.ResumePlan(tag=tmp_path / "step_00000004", step=4, data_fingerprint="aaa", data_start=0)
+    saved = D.Order(200, 0, 32).state(4)
+    plan = resume.ResumePlan(tag=tmp_path / "step_00000004", step=4, data_fingerprint="aaa", data_order=saved)
     recipe = C.from_dict(BASE)
-    assert resume.data_start(plan, "aaa", 200, recipe) == 0  # unchanged: the order continues
-    assert resume.data_start(resume.ResumePlan(), "bbb", 200, recipe) == 0  # a fresh run
-    assert resume.data_start(dataclasses.replace(plan, data_fingerprint=None), "bbb", 200, recipe) == 0  # older save
+    assert resume.data_order(plan, "aaa", 200, recipe) == D.Order(**saved)  # unchanged: the order continues
+    assert resume.data_order(resume.ResumePlan(), "bbb", 200, recipe) == D.Order(200, 0, 32)  # a fresh run
     with pytest.raises(ValueError, match=r"another data set.*aaa -> bbb.*resume_allow_changes=\[data.content\]"):
-        resume.data_start(plan, "bbb", 200, recipe)
+        resume.data_order(plan, "bbb", 200, recipe)
     allowed = C.from_dict({**BASE, "output": {"resume_allow_changes": ["data.content"]}})
-    assert resume.data_start(plan, "bbb", 200, allowed) == 4  # its own epoch order starts after step 4
+    fresh = resume.data_order(plan, "bbb", 150, allowed)  # its own epoch order starts after step 4
+    assert (fresh.n, fresh.start_step, fresh.epoch, fresh.offset, fresh.samples_before) == (150, 4, 0, 0, 128)
+    assert fresh.positions(4) == D.Order(150, 0, 32).positions(0)
+    # a checkpoint saved before the order's state was kept: derived from its step and data_start
+    legacy = dataclasses.replace(plan, data_fingerprint=None, data_order=None, step=9, data_start=0)
+    assert resume.data_order(legacy, "bbb", 200, recipe) == D.Order(**D.Order(200, 0, 32).state(9))
