@@ -266,7 +266,8 @@ def to_universal(tag_dir: Path, saved_world: int, key: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     dist.log(f"resume: {tag_dir.name} was saved by {saved_world} ranks; converting it for {dist.world_size()}")
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise ValueError(

@@ -382,6 +382,19 @@ def test_resume_on_another_world_size_continues_the_run(world, uninterrupted, tm
     assert [got[s] for s in (5, 6)] == pytest.approx([want[s] for s in (5, 6)], abs=1e-4)
 
 
+def test_a_zero2_checkpoint_resumes_on_another_world_size(world, uninterrupted, tmp_path):
+    """ZeRO-2 saves no universal-checkpoint info of its own: the conversion adds it, and the losses continue."""
+    out, z2 = tmp_path / "run", "deepspeed.config=ds_configs/zero2_fp32.json"
+    _train(world, out, z2, "train.max_steps=2", "output.save_every=2", port=29730)
+    args = _args(world, out, z2, "train.max_steps=4", "output.save_every=2")
+    proc = pipeline.torchrun(args, 1, port=29731, env=ENV, cwd=ROOT, capture=True, timeout=300, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "step_00000002 was saved by 2 ranks; converting it for 1" in text
+    got, want = _losses(out), _losses(uninterrupted)  # the ZeRO-3 run: the same fp32 arithmetic
+    assert [got[s] for s in (1, 2, 3, 4)] == pytest.approx([want[s] for s in (1, 2, 3, 4)], abs=1e-4)
+
+
 def test_a_recipe_mistake_is_one_paragraph_from_one_rank(world, tmp_path):
     text = _train(world, tmp_path / "r", "loss.betta=1", "train.max_steps=0", port=29721, ok=False)
     assert text.count("] FAILED: ConfigError") == 1, text[-3000:]  # rank 0 only; rank 1 exits quietly
