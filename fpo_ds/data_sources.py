@@ -180,10 +180,25 @@ def _load_glob(pattern: str, key: str):
 
 
 def _read_files(builder: str, files: list[str], what: str):
+    """The files as one Dataset, through datasets' Arrow copy of them (kept in its cache, reused while unchanged).
+
+    That copy can be damaged while the files are fine (a truncated or deleted cache file): it is
+    then rebuilt from the files once, and said so. An error that remains is the files' own.
+    """
     import datasets
+
+    from fpo_ds import dist
 
     try:
         return datasets.load_dataset(builder, data_files=files, split=LOCAL_SPLIT)
+    except Exception as e:  # datasets/pyarrow errors of a damaged cached copy
+        first = e.__cause__ or e
+    dist.log(
+        f"data: datasets' cached Arrow copy of {what.split(': ', 1)[-1]} could not be read "
+        f"({type(first).__name__}: {str(first)[:200]}); rebuilding it from the file(s)"
+    )
+    try:
+        return datasets.load_dataset(builder, data_files=files, split=LOCAL_SPLIT, download_mode="force_redownload")
     except Exception as e:  # datasets/pyarrow errors: say which file and why, not a deep traceback
         cause = e.__cause__ or e
         raise ValueError(

@@ -181,6 +181,25 @@ def test_tokenized_cache_checks_itself_names_damage_and_rebuilds(tmp_path, token
     assert fp == D.load_pairs(cfg, tokenizer)[1]
 
 
+def test_a_damaged_arrow_copy_of_a_data_file_is_rebuilt_from_the_file(tmp_path, tokenizer, monkeypatch, capsys):
+    """The Arrow copy datasets keeps of a local file: a truncated one is rebuilt, not blamed on the file."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = _jsonl(tmp_path / "d.jsonl")
+    rows = D.load_rows(path, "train")
+    copies = [Path(f["filename"]) for f in rows.cache_files]
+    assert copies and all(tmp_path / "cache" in c.parents for c in copies)
+    for c in copies:
+        c.write_bytes(c.read_bytes()[:100])
+    again = D.load_rows(path, "train")
+    assert again.to_list() == ROWS
+    assert "datasets' cached Arrow copy of" in capsys.readouterr().out
+    Path(path).write_text("{not json\n")  # a broken file stays the file's error
+    with pytest.raises(ValueError, match="line 1: invalid JSON"):
+        D.load_rows(path, "train")
+
+
 def test_fingerprint_follows_the_content_not_the_path_or_modification_time(tmp_path, tokenizer, monkeypatch):
     import datasets
 
