@@ -17,6 +17,29 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+def write_recipe(tmp: Path, world: Path, name: str, defaults: dict | None = None, **sections: dict) -> str:
+    """A recipe file for the multi-process tests: the toy world's model and data, ZeRO-3 fp32, 3 short steps.
+
+    `defaults` (a test module's own) and then `sections` update the base section by section.
+    """
+    import yaml
+
+    raw = {
+        "model": {"name_or_path": str(world / "model")},
+        "data": {"path": str(world / "data" / "train.jsonl"), "max_length": 48, "max_prompt_length": 24},
+        "train": {"global_batch_size": 4, "micro_batch_size": 1, "lr": 1e-3, "warmup_steps": 1, "max_steps": 3},
+        "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_fp32.json"), "timeout_minutes": 3},
+        "logging": {"progress_bar": False},
+        "output": {"dir": str(tmp / "runs" / name)},
+    }
+    for layer in (defaults or {}, sections):
+        for key, value in layer.items():
+            raw[key] = {**raw.get(key, {}), **value}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 def launch_on_hosts(
     entry: list[str], hosts: int, per_host: int, port: int, master: str, timeout: float
 ) -> tuple[list, list[str]]:

@@ -7,8 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env, write_recipe
 
 from fpo_ds import pipeline
 from fpo_ds.tools.demo import toy
@@ -68,18 +67,9 @@ FORMATS = [
 
 
 def _recipe(tmp: Path, world: Path, name: str, data: dict, method: str) -> str:
-    raw = {
-        "model": {"name_or_path": str(world / "model")},
-        "data": {"max_length": 48, "max_prompt_length": 24, **data},
-        "loss": {"method": method},
-        "train": {"global_batch_size": 4, "micro_batch_size": 1, "lr": 1e-3, "warmup_steps": 1, "max_steps": 1},
-        "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_fp32.json"), "timeout_minutes": 3},
-        "logging": {"progress_bar": False},
-        "output": {"dir": str(tmp / "runs" / name), "save_final": False},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    """One short step on the given data (a file or a mix: the world's own file is not used)."""
+    once = {"train": {"max_steps": 1}, "output": {"save_final": False}}
+    return write_recipe(tmp, world, name, once, data={"path": None, **data}, loss={"method": method})
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.multiproc
-def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
+def _dry_run(out: Path, timeout: int) -> subprocess.CompletedProcess:
     from helpers import subprocess_env
 
+    cmd, env = ["bash", "bench/gpu_check.sh", "--dry-run", str(out)], subprocess_env(PYTHON=sys.executable)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.multiproc
+def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
     out = tmp_path / "gpu-check"
-    env = subprocess_env(PYTHON=sys.executable)
-    proc = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--dry-run", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _dry_run(out, 600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert res["env"]["device"] == "CPU"
@@ -60,12 +57,5 @@ def test_dry_run_runs_every_stage_and_writes_the_layout(tmp_path):
     leftovers = [p for p in out.rglob("*") if p.suffix in (".pt", ".safetensors") or "global_step" in p.name]
     assert leftovers == []  # no checkpoint, no weights
     # A second run refuses the used directory instead of mixing results.
-    again = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--dry-run", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = _dry_run(out, 60)
     assert again.returncode == 2 and "is not empty" in again.stderr

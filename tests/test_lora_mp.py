@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import write_recipe
 from safetensors.torch import load_file
 from test_train_mp import _launch
 
@@ -21,23 +21,16 @@ pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
 LN2 = math.log(2.0)
 LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+DEFAULTS = {
+    "model": {"lora": LORA},
+    "loss": {"method": "dpo"},
+    "train": {"lr": 1e-2, "max_steps": 4},
+    "output": {"save_final": False},  # checkpoints only where a test reads them
+}
 
 
 def _recipe(tmp: Path, world: Path, name: str, **sections) -> str:
-    raw = {
-        "model": {"name_or_path": str(world / "model"), "lora": LORA},
-        "data": {"path": str(world / "data" / "train.jsonl"), "max_length": 48, "max_prompt_length": 24},
-        "loss": {"method": "dpo"},
-        "train": {"global_batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_steps": 1, "max_steps": 4},
-        "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_fp32.json"), "timeout_minutes": 3},
-        "logging": {"progress_bar": False},
-        "output": {"dir": str(tmp / "runs" / name), "save_final": False},  # checkpoints only where a test reads them
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    return write_recipe(tmp, world, name, DEFAULTS, **sections)
 
 
 @pytest.fixture(scope="module")

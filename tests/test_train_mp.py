@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import subprocess_env
+from helpers import write_recipe as _recipe
 
 from fpo_ds import pipeline
 from fpo_ds.tools.demo import toy
@@ -40,22 +40,6 @@ def _launch(nproc: int, spec: list, out: Path, timeout: int = 900) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _recipe(tmp: Path, world: Path, name: str, **sections) -> str:
-    raw = {
-        "model": {"name_or_path": str(world / "model")},
-        "data": {"path": str(world / "data" / "train.jsonl"), "max_length": 48, "max_prompt_length": 24},
-        "train": {"global_batch_size": 4, "micro_batch_size": 1, "lr": 1e-3, "warmup_steps": 1, "max_steps": 3},
-        "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_fp32.json"), "timeout_minutes": 3},
-        "logging": {"progress_bar": False},
-        "output": {"dir": str(tmp / "runs" / name)},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
@@ -71,9 +55,7 @@ def runs(tmp_path_factory):
                     "recipe": _recipe(tmp, world, f"{arch}-{m}", loss={"method": m}),
                 }
             )
-    learn = dict(
-        loss={"method": "dpo"}, train={"max_steps": 24, "epochs": 3, "lr": 3e-3}, output={"save_final": False}
-    )
+    learn = dict(loss={"method": "dpo"}, train={"max_steps": 24, "epochs": 3, "lr": 3e-3}, output={"save_final": False})
     spec.append({"name": "learn", "stage": "train", "recipe": _recipe(tmp, g, "learn", **learn)})
     full = _recipe(tmp, g, "full", loss={"method": "dpo"}, train={"max_steps": 4}, output={"save_every": 2})
     spec.append({"name": "full", "stage": "train", "recipe": full})
@@ -184,7 +166,8 @@ def runs(tmp_path_factory):
         },
         {
             "name": "rank1_micro2",
-            "stage": "train", "dump": True,
+            "stage": "train",
+            "dump": True,
             "recipe": _recipe(tmp, g, "r1m2", **inv),
             "overrides": ["train.micro_batch_size=2"],
         },
