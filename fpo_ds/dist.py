@@ -350,9 +350,9 @@ def _report_failure(exc_type, exc, tb) -> None:
         _await_told()
         _exit(1)  # rank 0 printed the paragraph
     met = _met()
-    if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C before training installed its handler (fpo_ds.train)
+    if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C outside training (set-up, build-cache, generate)
         if (first_to_fail(130)[0] if met else launcher_rank() == 0) and os.environ.get("FPO_DS_TRACEBACK") != "1":
-            log_all("interrupted (Ctrl-C) before training started: nothing to save yet")
+            log_all("interrupted (Ctrl-C); exiting (130)")
         _exit(130)
     if issubclass(exc_type, USER_ERRORS) and not met and launcher_rank() != 0:
         sys.exit(1)  # a mistake found before the ranks met (e.g. the recipe) is the same on every rank: rank 0 says it
@@ -441,6 +441,26 @@ def skip_shm_comm() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by the scheduler (SIGTERM, SIGUSR1); run the same command again
+
+
+def stop_on_signals() -> None:
+    """SIGTERM / SIGUSR1 (preemption, Slurm's warning) once the ranks have met: one line, then exit 75 at once.
+
+    Before the rendezvous the signals keep their default effect. Training replaces these handlers
+    with its own (finish the step, save; fpo_ds.train.Preemption); build-cache and generate keep
+    nothing partial that a rerun would trust, so they stop at once.
+    """
+    import signal
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        stop_now(EXIT_STOPPED, f"{name}: stopped before the end; exiting ({EXIT_STOPPED}). Run the same command again")
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop)
+
+
 def init(timeout_minutes: int) -> Topology:
     """Discover the topology, export it, start torch.distributed through DeepSpeed (with a timeout)."""
     import deepspeed
@@ -466,6 +486,7 @@ def init(timeout_minutes: int) -> Topology:
         dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False
     )
     log_all(f"rank {topo.rank}/{topo.world_size} (local {topo.local_rank}/{topo.local_world_size}) up")
+    stop_on_signals()
     nodes = max(1, topo.world_size // max(1, topo.local_world_size))
     log(
         f"topology ({topo.source}): world {topo.world_size}, {nodes} node(s) x {topo.local_world_size} rank(s), "

@@ -486,8 +486,14 @@ def test_second_ctrl_c_exits_at_once_and_a_signal_during_set_up_exits_at_once():
     assert proc.returncode == 75 and "SIGTERM during set-up: nothing to save yet" in proc.stderr, proc.stderr[-2000:]
     early = "from fpo_ds import dist; dist.report_failures(); raise KeyboardInterrupt"  # Ctrl-C before the handler
     proc = subprocess.run([sys.executable, "-c", early], env=ENV, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 130 and "interrupted (Ctrl-C) before training started" in proc.stderr
+    assert proc.returncode == 130 and "interrupted (Ctrl-C); exiting (130)" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # build-cache and generate after the rendezvous: preemption stops them at once, saying so, with 75
+    stopped = (
+        "import os, time\nfrom fpo_ds import dist\ndist.stop_on_signals()\nos.kill(os.getpid(), 15)\ntime.sleep(9)"
+    )
+    proc = subprocess.run([sys.executable, "-c", stopped], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75 and "SIGTERM: stopped before the end; exiting (75)" in proc.stderr, proc.stderr
 
 
 def test_ranks_exit_at_once_when_their_launcher_is_killed_just_after_starting_them(world, tmp_path):
