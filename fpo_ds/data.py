@@ -436,7 +436,10 @@ class Order:
 
     def __post_init__(self):
         if self.n // self.global_batch == 0:
-            raise ValueError(f"only {self.n} pairs: fewer than one global batch ({self.global_batch})")
+            raise ValueError(
+                f"data: {self.n} usable pairs is less than one global batch (train.global_batch_size="
+                f"{self.global_batch}); add data or lower the batch size"
+            )
 
     @property
     def steps_per_epoch(self) -> int:

@@ -225,6 +225,8 @@ def test_order_is_the_seeded_batches_of_one_permutation_reshuffled_each_epoch():
             assert order.positions(step) == _block_order(n, seed, step, g), (n, g, step)
             assert order.epochs_done(step + 1) == pytest.approx((step + 1) / (n // g))
         assert order.total_steps(3, None) == 3 * (n // g) and order.total_steps(3, 2) == 2
+    with pytest.raises(ValueError, match=r"data: 7 usable pairs is less than one global batch \(train.global_batch_"):
+        D.Order(7, 0, 8)
 
 
 @pytest.mark.parametrize(
