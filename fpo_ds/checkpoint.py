@@ -135,19 +135,32 @@ def _expected(entry) -> tuple[int, str | None]:
 
 def verify(tag_dir: Path) -> dict:
     """The marker of a complete checkpoint; raises naming the missing or truncated file (sizes only: cheap)."""
+    info, problem = read_marker(tag_dir)
+    if problem is not None:
+        raise ValueError(
+            f"checkpoint {tag_dir} is damaged: {problem}. Delete {tag_dir} to resume from the previous checkpoint, "
+            "or set output.resume=never"
+        )
+    return info
+
+
+def read_marker(tag_dir: Path) -> tuple[dict | None, str | None]:
+    """(the marker, None), or (None, what is wrong): no or unreadable marker, a file missing or of another size."""
     marker = tag_dir / MARKER
     if not marker.is_file():
-        raise FileNotFoundError(f"{tag_dir}: no {MARKER}; the save did not finish. Resume from an earlier checkpoint")
-    info = json.loads(marker.read_text())
-    for rel, entry in info["files"].items():
-        size, p = _expected(entry)[0], tag_dir / rel
-        if not p.is_file() or p.stat().st_size != size:
-            got = p.stat().st_size if p.is_file() else "missing"
-            raise ValueError(
-                f"checkpoint {tag_dir} is damaged: {rel} is {got} (expected {size} bytes). "
-                f"Delete {tag_dir} to resume from the previous checkpoint, or set output.resume=never"
-            )
-    return info
+        return None, f"no {MARKER} (the save did not finish)"
+    try:
+        info = json.loads(marker.read_text())
+        files = {rel: _expected(entry)[0] for rel, entry in info["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"its {MARKER} is unreadable ({type(e).__name__}: {e})"
+    for rel, size in files.items():
+        p = tag_dir / rel
+        if not p.is_file():
+            return None, f"{rel} is missing"
+        if p.stat().st_size != size:
+            return None, f"{rel} is {p.stat().st_size} bytes (expected {size})"
+    return info, None
 
 
 def damaged_files(tag_dir: Path, info: dict) -> list[str]:

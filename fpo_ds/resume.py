@@ -142,14 +142,23 @@ def plan(recipe: C.Recipe) -> ResumePlan:
     damaged: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     while True:
-        tag, found, info = dist.from_rank0(dist.on_rank0(functools.partial(_find_and_read, recipe, damaged)))
+        tag, found, info, problem = dist.from_rank0(dist.on_rank0(functools.partial(_find_and_read, recipe, damaged)))
         notes += found
+        if tag is None and damaged:
+            why = "; ".join(n.split("; passing over")[0] for n in notes if "; passing over" in n)
+            message = (
+                f"output.dir: every checkpoint of {recipe.output.dir} is damaged ({why}). Restore one, or "
+                "start again with output.resume=never output.overwrite=true (the old run is moved aside)"
+            )
+            dist.on_rank0(functools.partial(_refuse, message))
         if tag is None:
             return ResumePlan(notes=notes)
-        bad = checkpoint.damaged_files(tag, info)
-        if not bad:
+        if problem is None:
+            bad = checkpoint.damaged_files(tag, info)
+            problem = f"{', '.join(bad[:3])} no longer match(es) the sha256 recorded at save" if bad else None
+        if problem is None:
             break
-        what = f"checkpoint {tag} is damaged: {', '.join(bad[:3])} no longer match(es) the sha256 recorded at save"
+        what = f"checkpoint {tag} is damaged: {problem}"
         if recipe.output.resume != "auto":
             dist.on_rank0(functools.partial(_refuse, f"output.resume: {what}. Point it at another checkpoint"))
         damaged += (tag.name,)
@@ -161,10 +170,16 @@ def _refuse(message: str):
     raise ValueError(message)
 
 
-def _find_and_read(recipe: C.Recipe, damaged: tuple[str, ...]) -> tuple[Path | None, tuple[str, ...], dict | None]:
-    """Rank 0: the tag, how it was found, and its marker (the one read of its file list; sizes checked)."""
+def _find_and_read(recipe: C.Recipe, damaged: tuple[str, ...]):
+    """Rank 0: the tag, how it was found, its marker (the one read of its file list) and what is wrong with it.
+
+    A tag without its marker, or with a file missing or of another size, is damaged, as one
+    whose checksums differ is.
+    """
     tag, notes = find(recipe.output, damaged)
-    return tag, notes, checkpoint.verify(tag) if tag is not None else None
+    if tag is None:
+        return None, notes, None, None
+    return tag, notes, *checkpoint.read_marker(tag)
 
 
 def _decide(recipe: C.Recipe, tag: Path, info: dict, notes: tuple[str, ...]) -> ResumePlan:

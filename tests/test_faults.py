@@ -102,17 +102,23 @@ def test_a_corrupted_checkpoint_file_is_named_and_the_previous_tag_resumed(world
     assert marker["data_fingerprint"] and all(len(e["sha256"]) == 64 for e in marker["files"].values())
 
 
-def test_deleted_checkpoint_shard_fails_fast_naming_it(world, uninterrupted, tmp_path):
+def test_a_deleted_checkpoint_shard_is_named_refused_by_path_and_passed_over_by_auto(world, uninterrupted, tmp_path):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    shard = next((out / "checkpoints" / "step_00000006").glob("*optim_states.pt"))
+    tag = out / "checkpoints" / "step_00000006"
+    shard = next(tag.glob("*optim_states.pt"))
     shard.unlink()
     t0 = time.time()
-    text = _train(world, out, "train.max_steps=8", port=29704, ok=False)
-    assert f"{shard.name} is missing" in text and "Delete" in text and time.time() - t0 < 120
-    assert "Traceback" not in text.split("FAILED")[-1][:2000]  # a message, not a library traceback
+    text = _train(world, out, f"output.resume={tag}", port=29704, ok=False)
+    assert f"output.resume: checkpoint {tag} is damaged: {shard.name} is missing" in text, text[-3000:]
+    assert time.time() - t0 < 120 and "Traceback" not in text.split("FAILED")[-1][:2000]  # a message, fast
+    text = _train(world, out, "output.keep_last=5", port=29732)  # auto: as for a missing `latest`
+    assert f"step_00000006 is damaged: {shard.name} is missing; passing over step_00000006" in text, text[-3000:]
+    assert "step_00000004 at step 4" in text
+    got, want = _losses(out), _losses(uninterrupted)
+    assert [got[s] for s in (5, 6)] == pytest.approx([want[s] for s in (5, 6)], abs=1e-5)
 
 
 def test_nonfinite_loss_or_gradient_skips_the_step_and_halts_after_a_run_of_them(world, uninterrupted, tmp_path):

@@ -1,9 +1,12 @@
 """Run-directory integrity in one process: the lock, resume's recipe diff, never destroying a run."""
 
 import dataclasses
+import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +140,44 @@ def test_a_changed_data_set_is_refused_unless_allowed(tmp_path):
     # a checkpoint saved before the order's state was kept: derived from its step and data_start
     legacy = dataclasses.replace(plan, data_fingerprint=None, data_order=None, step=9, data_start=0)
     assert resume.data_order(legacy, "bbb", 200, recipe) == D.Order(**D.Order(200, 0, 32).state(9))
+
+
+def test_a_damaged_tag_is_passed_over_by_auto_refused_by_path_and_all_damaged_is_refused(tmp_path):
+    """Missing file, wrong size, other bytes, unreadable marker: each names the tag and the file."""
+    import hashlib
+    import json
+
+    from fpo_ds import checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+
+    def tag(step: int, payload: bytes = b"weights") -> Path:
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(payload)
+        entry = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        (d / checkpoint.MARKER).write_text(json.dumps({"step": step, "world_size": 1, "files": {"model.pt": entry}}))
+        return d
+
+    good, bad = tag(2), tag(4)
+    (root / "latest").write_text(bad.name)
+    recipe = C.from_dict({**BASE, "output": {"dir": str(tmp_path / "run")}})
+    for damage, said in (
+        (lambda d: (d / "model.pt").unlink(), "model.pt is missing"),
+        (lambda d: (d / "model.pt").write_bytes(b"weight"), "model.pt is 6 bytes (expected 7)"),
+        (lambda d: (d / "model.pt").write_bytes(b"WEIGHTS"), "model.pt no longer match(es) the sha256"),
+        (lambda d: (d / checkpoint.MARKER).write_text("{"), "its COMPLETE.json is unreadable"),
+    ):
+        damage(bad)
+        plan = resume.plan(recipe)
+        assert plan.tag == good and plan.step == 2
+        assert any(f"{bad} is damaged: {said}" in n and "passing over step_00000004" in n for n in plan.notes), said
+        by_path = C.from_dict({**BASE, "output": {"dir": str(tmp_path / "run"), "resume": str(bad)}})
+        with pytest.raises(ValueError, match=f"output.resume: checkpoint {bad} is damaged: {re.escape(said)}"):
+            resume.plan(by_path)
+        shutil.rmtree(bad)
+        bad = tag(4)
+    (good / "model.pt").write_bytes(b"WEIGHTS")
+    (bad / "model.pt").unlink()
+    with pytest.raises(ValueError, match=r"every checkpoint of .* is damaged \(checkpoint .*step_00000004 is damaged"):
+        resume.plan(recipe)
