@@ -273,9 +273,10 @@ def to_universal(tag_dir: Path, saved_world: int, key: str) -> Path:
 
     out = universal_dir(tag_dir)
     if (out / checkpoint.MARKER).is_file():
-        if json.loads((out / checkpoint.MARKER).read_text()).get("source") == key:
+        stale = _stale_conversion(out, key)
+        if stale is None:
             return out
-        dist.log(f"resume: {out} converts an earlier save of {tag_dir.name}; converting it again")
+        dist.log(f"resume: {out} {stale}; converting it again")
         shutil.rmtree(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -290,7 +291,30 @@ def to_universal(tag_dir: Path, saved_world: int, key: str) -> Path:
             f"{dist.world_size()} ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}). "
             f"Resume with {saved_world} ranks, or convert by hand: {' '.join(cmd)}"
         )
-    marker = {"from": str(tag_dir), "world_size": saved_world, "source": key}
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    marker = {"from": str(tag_dir), "world_size": saved_world, "source": key, "files": sizes}
     checkpoint.atomic_write(tmp / checkpoint.MARKER, json.dumps(marker))
     os.replace(tmp, out)
     return out
+
+
+def _stale_conversion(out: Path, key: str) -> str | None:
+    """Why a finished conversion cannot be reused (None: it can): another save of the tag, or a file lost or resized.
+
+    The conversion is derived from a checksummed tag, so sizes (cheap) are what is checked here.
+    """
+    try:
+        marker = json.loads((out / checkpoint.MARKER).read_text())
+        source, sizes = marker.get("source"), marker.get("files")
+        sizes = None if sizes is None else dict(sizes)
+    except (ValueError, TypeError, AttributeError) as e:
+        return f"has an unreadable {checkpoint.MARKER} ({type(e).__name__})"
+    if source != key:
+        return f"converts an earlier save of {out.name}"
+    if sizes is None:
+        return "was made before conversions recorded their file sizes"
+    for rel, size in sizes.items():
+        f = out / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return f"is damaged: {rel} is {f.stat().st_size if f.is_file() else 'missing'} (expected {size} bytes)"
+    return None

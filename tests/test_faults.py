@@ -386,6 +386,15 @@ def test_resume_on_another_world_size_continues_the_run(world, uninterrupted, tm
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     # 1 rank with accumulation 2 vs 2 ranks: the invariance tests' tolerance
     assert [got[s] for s in (5, 6)] == pytest.approx([want[s] for s in (5, 6)], abs=1e-4)
+    # A 2-rank run from step 2 at another lr rewrites step_4: its conversion above is stale and is made again
+    tag2, keep = out / "checkpoints" / "step_00000002", ("output.save_every=2", "output.keep_last=5")
+    _train(world, out, f"output.resume={tag2}", "train.max_steps=4", "train.lr=0.01", *keep, port=29733)
+    proc = pipeline.torchrun(_args(world, out, "train.max_steps=5", *keep), 1, port=29734, env=ENV, cwd=ROOT,
+                             capture=True, timeout=300, check=False)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "universal/step_00000004 converts an earlier save of step_00000004; converting it again" in text
+    assert abs(_losses(out)[5] - got[5]) > 1e-3  # trained on from the rewritten weights, not the old conversion
 
 
 def test_a_zero2_checkpoint_resumes_on_another_world_size(world, uninterrupted, tmp_path):

@@ -181,3 +181,23 @@ def test_a_damaged_tag_is_passed_over_by_auto_refused_by_path_and_all_damaged_is
     (bad / "model.pt").unlink()
     with pytest.raises(ValueError, match=r"every checkpoint of .* is damaged \(checkpoint .*step_00000004 is damaged"):
         resume.plan(recipe)
+
+
+def test_a_universal_conversion_is_reused_only_for_the_same_save_with_its_files_whole(tmp_path):
+    import json
+
+    from fpo_ds import checkpoint
+
+    out = tmp_path / "universal" / "step_00000004"
+    (out / "zero" / "w").mkdir(parents=True)
+    (out / "zero" / "w" / "fp32.pt").write_bytes(b"12345678")
+    marker = {"source": "abc", "files": {"zero/w/fp32.pt": 8}}
+    (out / checkpoint.MARKER).write_text(json.dumps(marker))
+    assert resume._stale_conversion(out, "abc") is None
+    assert resume._stale_conversion(out, "xyz") == "converts an earlier save of step_00000004"
+    (out / "zero" / "w" / "fp32.pt").write_bytes(b"1234")
+    assert resume._stale_conversion(out, "abc") == "is damaged: zero/w/fp32.pt is 4 (expected 8 bytes)"
+    (out / "zero" / "w" / "fp32.pt").unlink()
+    assert "zero/w/fp32.pt is missing" in resume._stale_conversion(out, "abc")
+    (out / checkpoint.MARKER).write_text(json.dumps({"source": "abc"}))  # made before sizes were recorded
+    assert "before conversions recorded their file sizes" in resume._stale_conversion(out, "abc")
