@@ -113,9 +113,16 @@ def part_name(rank: int, world: int) -> str:
 
 
 def rank_positions(n: int, recipe: C.Recipe, rank: int, world: int) -> list[int]:
-    """Pair positions rank `rank` trains on over one epoch (the sampler's own assignment)."""
+    """Pair positions rank `rank` holds in the cache: those it trains over one epoch, then its share of the rest.
+
+    The rest (fewer pairs than one global batch) is never trained at this batch size, but a resume
+    with another global batch trains it (data.Order continues in pair positions), so the cache
+    holds every pair. Ranks' counts then differ by at most one.
+    """
     order = data.Order(n, recipe.data.seed, recipe.train.global_batch_size)
-    return [i for s in range(order.steps_per_epoch) for i in order.positions(s, rank, world)]
+    trained = [i for s in range(order.steps_per_epoch) for i in order.positions(s, rank, world)]
+    rest = order.rest_of_epoch()[0][order.steps_per_epoch * order.global_batch :]
+    return trained + list(rest[rank::world])
 
 
 class Reader:

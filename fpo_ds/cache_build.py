@@ -86,7 +86,9 @@ def _build(recipe: C.Recipe, final: Path) -> Path:
     lengths = [data.padded_length(p) for p in c.pairs]
     every = [cache.rank_positions(len(c.pairs), recipe, r, world) for r in range(world)]
     every = [sorted(ix, key=lambda i: (-lengths[i], i)) for ix in every]
-    plan = [[ix[i : i + mb] for ix in every] for i in range(0, len(every[rank]), mb)]
+    rounds = -(-max(len(ix) for ix in every) // mb)  # every rank runs as many micro-batches (-1 pads)
+    every = [ix + [-1] * (rounds * mb - len(ix)) for ix in every]
+    plan = [[ix[i : i + mb] for ix in every] for i in range(0, rounds * mb, mb)]
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

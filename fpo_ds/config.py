@@ -463,6 +463,7 @@ def _check_method_needs(r: Recipe, problems: list[str]) -> None:
     if lo.reference == "offline" and lo.needs_kl:
         problems.append("loss.reference: TDPO needs full-vocabulary reference distributions; use live")
 
+
 # The response log-prob path reads the LM head's weight directly (model.ResponseHead): an adapter
 # or a trained copy there would be skipped.
 LORA_REFUSED_MODULES = ("lm_head",)

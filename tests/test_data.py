@@ -258,3 +258,19 @@ def test_a_resume_with_another_batch_size_trains_every_pair_once_per_epoch(n, g0
         ValueError, match=rf"train.max_steps={total + 1} is more than the data gives.*resumed at step {k}"
     ):
         after.total_steps(3, total + 1)
+
+
+@pytest.mark.parametrize("n,g,world", [(100, 8, 2), (64, 16, 4), (50, 24, 2)])
+def test_the_cache_partition_holds_every_pair_once(n, g, world):
+    """Each rank's trained positions first, then a share of the remainder: every pair, once, for any later order."""
+    from fpo_ds import cache
+    from fpo_ds import config as C
+
+    recipe = C.from_dict({"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl", "seed": 3},
+                          "loss": {"method": "dpo"}, "train": {"global_batch_size": g}})  # fmt: skip
+    parts = [cache.rank_positions(n, recipe, r, world) for r in range(world)]
+    assert sorted(i for p in parts for i in p) == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    order = D.Order(n, 3, g)
+    for r in range(world):
+        assert parts[r][: (n // g) * g // world] == [i for s in range(n // g) for i in order.positions(s, r, world)]
