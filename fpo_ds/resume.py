@@ -233,11 +233,12 @@ def data_order(plan: ResumePlan, fingerprint: str, n_pairs: int, recipe: C.Recip
     if saved["global_batch"] != t.global_batch_size:
         seq, left = order.rest_of_epoch()
         dropped = len(seq) - order.offset - left * t.global_batch_size
-        dropped = f"; its last {dropped} positions are left out (less than a global batch)" if dropped else ""
+        dropped = f"; its last {dropped} pairs are left out (fewer than a global batch)" if dropped else ""
         dist.log(
             f"resume: train.global_batch_size {saved['global_batch']} -> {t.global_batch_size}: the data order "
-            f"continues at position {order.offset} of epoch {order.epoch} ({order.epochs_done(plan.step):.4g} epochs "
-            f"done); {left} step(s) of {t.global_batch_size} pairs finish that epoch{dropped}"
+            f"continues at pair {order.offset} of {len(seq)} in epoch {order.epoch} "
+            f"({order.epochs_done(plan.step):.4g} epochs done); {left} step(s) of {t.global_batch_size} pairs finish "
+            f"that epoch{dropped}"
         )
     return order
 

@@ -313,7 +313,7 @@ def test_resume_with_a_new_batch_size_or_data_set_continues_or_restarts_the_data
     allow = "output.resume_allow_changes=[train.global_batch_size]"
     text = _train(world, out, *more, allow, port=29727, env=env)
     assert "resume: train.global_batch_size changed 8 -> 16 (allowed by output.resume_allow_changes)" in text
-    assert "the data order continues at position 32 of epoch 0 (0.5 epochs done); 2 step(s) of 16 pairs" in text
+    assert "the data order continues at pair 32 of 64 in epoch 0 (0.5 epochs done); 2 step(s) of 16 pairs" in text
     steps = _traced(trace)
     assert sorted(steps) == list(range(1, 11)) and [len(steps[s]) for s in (4, 5, 10)] == [8, 16, 16]
     for epoch in ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10]):  # each epoch trains the 64 pairs once each
