@@ -275,7 +275,8 @@ def zero_traffic(shape, z: ZeroSettings, topo: Topology, wl: Workload, checkpoin
         for _, ps in ref:  # its hpZ copy never expires (no optimizer step refreshes it): fresh is empty
             logged += gather_call(out, "zero_allgather_reference", "fwd", m, ps, set(), shape.numels, z, topo)
     again = [t for t in out if t.micro == 1]
-    out += [t._replace(micro=m) for m in range(2, wl.accumulation) for t in again]
+    # Micro-batches 2.. repeat micro-batch 1: its records summed per class first (as `merge` would), then copied.
+    out += [t._replace(micro=m) for m in range(2, wl.accumulation) for t in merge(again)]
     logged += (wl.accumulation - 2) * sum(t.received / (t.link.group - 1) for t in again) if again else 0.0
     kept = [p for p, k in enumerate(persist) if k]
     if kept:  # after the optimizer step: one all_gather_into_tensor per persistent parameter
