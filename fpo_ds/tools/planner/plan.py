@@ -263,8 +263,22 @@ class Context:
         return [timing.step_time(self.recipe, self.shape, t, step, self.d_sae, m.value, self.peak) for m in self.mfus]
 
 
+def _library_logs_to_stderr() -> None:
+    """Stdout holds the plan alone (users save it to a file); DeepSpeed's logger writes to stdout by default."""
+    import contextlib
+    import logging
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):  # a first import makes the handler (on sys.stdout) and logs
+        from deepspeed.utils import logger
+    for h in logger.handlers:  # imported before: move its handler
+        if type(h) is logging.StreamHandler and h.stream is not sys.__stderr__:
+            h.setStream(sys.__stderr__)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)  # key=value overrides may follow the flags
+    _library_logs_to_stderr()
     ctx = Context(args)
     if args.markdown:
         print(markdown(ctx, args))
