@@ -133,7 +133,8 @@ def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | 
     t, rank, world = c.recipe.train, dist.rank(), dist.world_size()
     plan = c.order.micro_batches(step, t.micro_batch_size, world, lengths)
     poison = faults.poison(step + 1)
-    faults.trace_pairs(step + 1, [c.pairs[j].example_id for positions in plan for j in positions[rank]])
+    ids = [c.pairs[j].example_id for positions in plan for j in positions[rank]]  # this rank's pairs of the step
+    faults.trace_pairs(step + 1, ids)
     results: list[MicroResult] = []
     verdict = Verdict(False, False)
     bad_grad, own_norm = False, None
@@ -150,7 +151,7 @@ def train_step(c: Components, step: int, lengths: list[int], stop: Preemption | 
             last = verdict = Verdict(*_any_rank(c.device, ~finite, asked))
         bad_grad, own_norm = _backward_and_step(c, loss, last)
     skip = "loss" if verdict.bad_loss else "gradient" if bad_grad else None
-    skipped = [c.pairs[j].example_id for positions in plan for j in positions[rank]] if skip else []
+    skipped = ids if skip else []
     grad_norm = own_norm if own_norm is not None else float(c.policy.get_global_grad_norm() or 0.0)
     grad_norm = float("nan") if skip else grad_norm
     m = metrics.step_metrics(
