@@ -139,15 +139,15 @@ def plan(recipe: C.Recipe) -> ResumePlan:
     rank checks its share of the files' checksums; rank 0 then weighs the recipe changes and
     converts the checkpoint when the world size changed.
     """
-    damaged: tuple[str, ...] = ()
+    damaged: tuple[str, ...] = ()  # tag names passed over
+    whys: tuple[str, ...] = ()  # what is wrong with each of them
     notes: tuple[str, ...] = ()
     while True:
         tag, found, info, problem = dist.from_rank0(dist.on_rank0(functools.partial(_find_and_read, recipe, damaged)))
         notes += found
         if tag is None and damaged:
-            why = "; ".join(n.split("; passing over")[0] for n in notes if "; passing over" in n)
             message = (
-                f"output.dir: every checkpoint of {recipe.output.dir} is damaged ({why}). Restore one, or "
+                f"output.dir: every checkpoint of {recipe.output.dir} is damaged ({'; '.join(whys)}). Restore one, or "
                 "start again with output.resume=never output.overwrite=true (the old run is moved aside)"
             )
             dist.on_rank0(functools.partial(_refuse, message))
@@ -161,7 +161,7 @@ def plan(recipe: C.Recipe) -> ResumePlan:
         what = f"checkpoint {tag} is damaged: {problem}"
         if recipe.output.resume != "auto":
             dist.on_rank0(functools.partial(_refuse, f"output.resume: {what}. Point it at another checkpoint"))
-        damaged += (tag.name,)
+        damaged, whys = damaged + (tag.name,), whys + (what,)
         notes += (f"{what}; passing over {tag.name} for the newest intact checkpoint",)
     return dist.from_rank0(dist.on_rank0(lambda: _decide(recipe, tag, info, notes)))
 
